@@ -1,0 +1,1 @@
+"""ONNX-to-ONNX graph passes (installed as `rwkvq_onnx.passes`)."""
