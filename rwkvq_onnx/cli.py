@@ -1,0 +1,160 @@
+"""`rwkvq-onnx` command line: each subcommand parses flags and calls the library.
+
+Every user error (bad checkpoint, bad data, unwritable output...) is an
+`RwkvqError`: printed on one line, exit status 2, nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, RwkvqError
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.1f} MiB"
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .atomic import check_writable
+    from .checkpoint import load_checkpoint
+    from .export import export
+
+    check_writable(args.output)
+    t0 = time.perf_counter()
+    config, sd = load_checkpoint(args.checkpoint)
+    print(f"loaded {args.checkpoint}: RWKV {config.version}, {config.n_layer} layers x {config.n_embd}, "
+          f"{config.n_head} heads x {config.head_size}, vocab {config.vocab_size}, {config.n_params / 1e6:.2f}M params")
+    for path in export(config, sd, args.output, mode=args.mode, fp16=args.fp16):
+        print(f"wrote {path} ({_size(path)})")
+    print(f"export took {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .atomic import write_text
+    from .evaluate import evaluate_lambada, evaluate_text, read_documents, results_json
+    from .runtime import RwkvSession
+    from .tokenizers import get_tokenizer
+
+    if not args.text and not args.lambada:
+        raise ConfigError("eval needs --text FILE and/or --lambada FILE")
+    if args.json:
+        from .atomic import check_writable
+
+        check_writable(args.json)
+    session = RwkvSession(args.model, threads=args.threads)
+    tokenizer = get_tokenizer(args.tokenizer, session.config.vocab_size)
+    text = lambada = None
+    if args.text:
+        docs = read_documents(args.text, args.chunk_len, args.chunk_every)[: args.max_docs]
+        text = evaluate_text(session, tokenizer, docs)
+        print(f"text {args.text}: {text.documents} docs, {text.tokens} tokens, perplexity {text.perplexity:.4f}, "
+              f"bits-per-byte {text.bits_per_byte:.4f}")
+    if args.lambada:
+        docs = read_documents(args.lambada)[: args.max_docs]
+        lambada = evaluate_lambada(session, tokenizer, docs)
+        print(f"lambada {args.lambada}: {lambada.examples} examples, perplexity {lambada.perplexity:.3f}, "
+              f"accuracy {lambada.accuracy:.4f}")
+    if args.json:
+        write_text(args.json, results_json(args.model, text, lambada, tokenizer=tokenizer.name) + "\n")
+        print(f"wrote {args.json}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import generate
+    from .runtime import RwkvSession
+    from .tokenizers import get_tokenizer
+
+    session = RwkvSession(args.model, threads=args.threads)
+    tokenizer = get_tokenizer(args.tokenizer, session.config.vocab_size)
+    result = generate(session, tokenizer, args.prompt, args.max_tokens, greedy=args.greedy,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(args.prompt + result.text)
+    print(result.speed_line())
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), n_layer=args.layers, n_embd=args.embd, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rwkvq-onnx",
+        description="Export RWKV-6/7 checkpoints to ONNX, evaluate them and generate text with onnxruntime.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="checkpoint (.pth/.safetensors) -> ONNX",
+                       description="Export an official RWKV-6 (x060) or RWKV-7 (x070) checkpoint to ONNX. "
+                                   "The config is inferred from the checkpoint's keys and shapes.")
+    e.add_argument("checkpoint", type=Path, help="BlinkDL .pth or .safetensors checkpoint (fp32/fp16/bf16)")
+    e.add_argument("-o", "--output", type=Path, required=True, help="output .onnx path")
+    e.add_argument("--fp16", action="store_true",
+                   help="fp16 weights and matmuls (state, norms, decays and the WKV recurrence stay fp32)")
+    e.add_argument("--mode", choices=("sequence", "step", "both"), default="sequence",
+                   help="sequence: tokens [B,T] with a Scan over T (default; also decodes with T=1); "
+                        "step: loop-free one-token graph for TensorRT; both: OUT.onnx and OUT.step.onnx")
+    e.set_defaults(func=cmd_export)
+
+    def model_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("model", type=Path, help="exported .onnx (its .step.onnx sibling is used for decoding)")
+        q.add_argument("--tokenizer", default="auto",
+                       help="'bytes', 'world' or a tokenizer.json path (default: by vocab size: 256 bytes, 65536 world)")
+        q.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+
+    v = sub.add_parser("eval", help="perplexity / bits-per-byte / LAMBADA accuracy",
+                       description="Evaluate an exported model: perplexity and bits-per-byte on a text or jsonl "
+                                   "file, LAMBADA last-word perplexity and greedy accuracy.")
+    model_args(v)
+    v.add_argument("--text", type=Path, help="plain text or jsonl ({\"text\": ...} per line)")
+    v.add_argument("--lambada", type=Path, help="LAMBADA jsonl ({\"text\": ...} per line; target = last word)")
+    v.add_argument("--json", type=Path, help="write the results as JSON")
+    v.add_argument("--max-docs", type=int, default=None, help="evaluate only the first N documents / examples")
+    v.add_argument("--chunk-len", type=int, default=None,
+                   help="cut a plain text file into chunks of this many characters, each run from the zero state")
+    v.add_argument("--chunk-every", type=int, default=None, help="start a chunk every N characters (default: chunk-len)")
+    v.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text; prints prefill and decode tokens/s",
+                       description="Prefill the prompt with the sequence graph, decode with the step graph.")
+    model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="end to end on a built-in synthetic RWKV-7 (no download)",
+                       description="Create a seeded RWKV-7, export it, check it against the reference model, "
+                                   "evaluate it and generate from it.")
+    d.add_argument("--out", default="rwkvq-demo", help="folder for the demo's files (default: ./rwkvq-demo)")
+    d.add_argument("--layers", type=int, default=4)
+    d.add_argument("--embd", type=int, default=128)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RwkvqError as exc:
+        print(f"rwkvq-onnx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""onnxruntime sessions over exported RWKV graphs, carrying the recurrent state.
+
+`RwkvSession` opens a sequence graph (and its `.step.onnx` sibling when
+present, used for one-token decoding) or a step graph alone, and offers
+`forward` (a block of tokens) and `step` (one token) with explicit state.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import ModelConfig
+from .errors import ConfigError, RwkvqError
+from .export import step_path
+
+StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def session_options(threads: int | None = None):
+    """Session options shared by every session the library opens."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return opts
+
+
+def open_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session, with a one-line error for a missing or invalid model."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise RwkvqError("no such ONNX model", path)
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RwkvqError(f"cannot load ONNX model: {first}", path) from None
+
+
+def _metadata(session, path: Path) -> tuple[ModelConfig, str]:
+    meta = session.get_modelmeta().custom_metadata_map
+    if "rwkvq.config" not in meta:
+        raise RwkvqError("not an rwkvq-onnx model (no 'rwkvq.config' metadata; export it with `rwkvq-onnx export`)", path)
+    return ModelConfig(**json.loads(meta["rwkvq.config"])), meta.get("rwkvq.graph", "sequence")
+
+
+class RwkvSession:
+    """An exported RWKV model ready to run; state is passed in and returned, never hidden."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, use_step_graph: bool = True) -> None:
+        self.path = Path(path)
+        first = open_session(self.path, threads)
+        self.config, kind = _metadata(first, self.path)
+        self.sequence = first if kind == "sequence" else None
+        self.step_session = first if kind == "step" else None
+        sibling = step_path(self.path)
+        if self.step_session is None and use_step_graph and sibling.is_file():
+            self.step_session = open_session(sibling, threads)
+            step_config, step_kind = _metadata(self.step_session, sibling)
+            if step_kind != "step" or step_config != self.config:
+                raise RwkvqError(f"step graph does not match {self.path.name}", sibling)
+
+    def zero_state(self, batch: int = 1) -> StateArrays:
+        c = self.config
+        return (np.zeros((c.n_layer, batch, c.n_embd), np.float32),
+                np.zeros((c.n_layer, batch, c.n_embd), np.float32),
+                np.zeros((c.n_layer, batch, c.n_head, c.head_size, c.head_size), np.float32))
+
+    @staticmethod
+    def _feeds(state: StateArrays) -> dict[str, np.ndarray]:
+        return {"state_att_shift": state[0], "state_ffn_shift": state[1], "state_wkv": state[2]}
+
+    def forward(self, tokens: np.ndarray, state: StateArrays | None = None) -> tuple[np.ndarray, StateArrays]:
+        """tokens int [B, T] -> logits float32 [B, T, V] and the state after the last token."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ConfigError(f"forward() needs tokens of shape [B, T>0], got {tokens.shape}")
+        state = self.zero_state(tokens.shape[0]) if state is None else state
+        if self.sequence is None:  # a step graph alone: run it token by token
+            outs = []
+            for t in range(tokens.shape[1]):
+                logits, state = self.step(tokens[:, t], state)
+                outs.append(logits)
+            return np.stack(outs, axis=1), state
+        logits, *new = self.sequence.run(None, {"tokens": tokens, **self._feeds(state)})
+        return logits, tuple(new)
+
+    def step(self, token: np.ndarray, state: StateArrays | None = None) -> tuple[np.ndarray, StateArrays]:
+        """token int [B] -> logits float32 [B, V] and the next state (step graph when there is one)."""
+        token = np.asarray(token, dtype=np.int64).reshape(-1)
+        state = self.zero_state(token.shape[0]) if state is None else state
+        if self.step_session is None:
+            logits, new = self.forward(token[:, None], state)
+            return logits[:, 0], new
+        logits, *new = self.step_session.run(None, {"token": token, **self._feeds(state)})
+        return logits, tuple(new)
