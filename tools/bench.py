@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Decode / prefill speed and peak memory of exported models, as ratios to fp32 measured in one run.
+
+Creates a seeded synthetic RWKV-7 of a named shape (no download), exports the
+variants (fp32, fp16), then measures each in its own process so peak RSS is
+that variant's alone:
+
+- decode tokens/s: batch 1, step graph, after warm-up, median of --runs;
+- prefill tokens/s at each --prefill length (sequence graph, median);
+- peak RSS of the process after loading and running;
+- bytes on disk.
+
+    python tools/bench.py --shape 0.1b --json bench-0.1b.json
+
+Deterministic given --seed (same weights, same tokens); timings are of this
+machine at this moment, so only ratios within one run are comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {  # name: (n_layer, n_embd, vocab)
+    "tiny": (2, 128, 256),
+    "0.1b": (12, 768, 65536),
+    "0.4b": (24, 1024, 65536),
+}
+
+
+def measure(model: str, decode_tokens: int, prefill: list[int], runs: int, threads: int | None, seed: int) -> dict:
+    """Runs inside the child process: one variant, one process."""
+    from rwkvq_onnx.runtime import RwkvSession
+
+    sess = RwkvSession(model, threads=threads)
+    vocab = sess.config.vocab_size
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, size=max([decode_tokens, *prefill]) + 8)
+
+    def decode_once() -> float:
+        state = sess.zero_state(1)
+        t0 = time.perf_counter()
+        for t in tokens[:decode_tokens]:
+            _, state = sess.step(np.array([t]), state)
+        return decode_tokens / (time.perf_counter() - t0)
+
+    decode_once()  # warm-up
+    decode = statistics.median(decode_once() for _ in range(runs))
+    prefill_speed = {}
+    for T in prefill:
+        batch = tokens[None, :T]
+        sess.forward(batch)  # warm-up
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sess.forward(batch)
+            times.append(time.perf_counter() - t0)
+        prefill_speed[str(T)] = T / statistics.median(times)
+    disk = sum(p.stat().st_size for p in Path(model).parent.glob(Path(model).name.replace(".onnx", "") + "*")
+               if p.name.endswith((".onnx", ".data")))
+    return {
+        "decode_tokens_per_s": decode,
+        "prefill_tokens_per_s": prefill_speed,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "disk_mib": disk / 2**20,
+    }
+
+
+def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -> dict[str, Path]:
+    from rwkvq_onnx.export import export
+    from rwkvq_onnx.synthetic import synthetic_rwkv7, synthetic_rwkv7_config
+
+    n_layer, n_embd, vocab = SHAPES[shape]
+    config = synthetic_rwkv7_config(n_layer, n_embd, vocab)
+    sd = None
+    paths = {}
+    for v in variants:
+        path = workdir / f"{shape}-{v}.onnx"
+        if not path.exists():
+            sd = sd if sd is not None else synthetic_rwkv7(config, seed)
+            print(f"exporting {path} ...", file=sys.stderr)
+            export(config, sd, path, mode="both", fp16=(v == "fp16"))
+        paths[v] = path
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=SHAPES, default="0.1b")
+    ap.add_argument("--variants", default="fp32,fp16", help="comma-separated: fp32, fp16")
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--prefill", default="128,512", help="comma-separated prefill lengths")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=Path("bench-models"))
+    ap.add_argument("--json", type=Path, help="write the results as JSON")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    prefill = [int(x) for x in args.prefill.split(",") if x]
+    if args.child:
+        print(json.dumps(measure(args.child, args.decode_tokens, prefill, args.runs, args.threads, args.seed)))
+        return
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    variants = args.variants.split(",")
+    if "fp32" not in variants:
+        variants.insert(0, "fp32")
+    paths = export_variants(args.shape, args.workdir, args.seed, variants)
+    results = {}
+    for v, path in paths.items():
+        cmd = [sys.executable, __file__, "--child", str(path), "--decode-tokens", str(args.decode_tokens),
+               "--prefill", args.prefill, "--runs", str(args.runs), "--seed", str(args.seed)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print(f"measuring {v} ...", file=sys.stderr)
+        results[v] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    base = results["fp32"]
+    for r in results.values():
+        r["decode_vs_fp32"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        r["prefill_vs_fp32"] = {T: s / base["prefill_tokens_per_s"][T] for T, s in r["prefill_tokens_per_s"].items()}
+        r["rss_vs_fp32"] = r["peak_rss_mib"] / base["peak_rss_mib"]
+        r["disk_vs_fp32"] = r["disk_mib"] / base["disk_mib"]
+
+    header = f"{'variant':8} {'decode tok/s':>13} {'x fp32':>7} " + " ".join(
+        f"{'prefill ' + T:>13} {'x fp32':>7}" for T in base["prefill_tokens_per_s"]) + \
+        f" {'peak RSS MiB':>13} {'x fp32':>7} {'disk MiB':>9} {'x fp32':>7}"
+    print(f"shape {args.shape} {SHAPES[args.shape]}, batch 1, median of {args.runs} runs")
+    print(header)
+    for v, r in results.items():
+        pre = " ".join(f"{r['prefill_tokens_per_s'][T]:13.1f} {r['prefill_vs_fp32'][T]:7.2f}"
+                       for T in base["prefill_tokens_per_s"])
+        print(f"{v:8} {r['decode_tokens_per_s']:13.1f} {r['decode_vs_fp32']:7.2f} {pre} "
+              f"{r['peak_rss_mib']:13.0f} {r['rss_vs_fp32']:7.2f} {r['disk_mib']:9.1f} {r['disk_vs_fp32']:7.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"shape": args.shape, "config": SHAPES[args.shape], "seed": args.seed,
+                                         "runs": args.runs, "results": results}, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
