@@ -35,6 +35,14 @@ SHAPES = {  # name: (n_layer, n_embd, vocab)
 }
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it is not inherited across fork/exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(model: str, decode_tokens: int, prefill: list[int], runs: int, threads: int | None, seed: int) -> dict:
     """Runs inside the child process: one variant, one process."""
     from rwkvq_onnx.runtime import RwkvSession
@@ -68,7 +76,7 @@ def measure(model: str, decode_tokens: int, prefill: list[int], runs: int, threa
     return {
         "decode_tokens_per_s": decode,
         "prefill_tokens_per_s": prefill_speed,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "disk_mib": disk / 2**20,
     }
 
