@@ -1,0 +1,46 @@
+"""Quantization algorithms: pure functions on arrays, no ONNX.
+
+Each method is a config dataclass plus one function `fn(w, h, cfg)`, listed
+in `METHODS` (explicit registry). `w` is a weight in `nn.Linear` layout
+[N out, K in]; `h` is the calibration Hessian 2/n X^T X [K, K] (unused by
+RTN and k-means VQ).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .budget import Plan, PlanEntry, TensorInfo, plan_fixed, plan_for_budget, proxy_score
+from .configs import AWQConfig, ElementwiseConfig, GPTQConfig, ScalarConfig, VQConfig
+from .elementwise import elementwise_quantize
+from .formats import (ElementwiseQuantized, ScalarQuantized, VectorQuantized, bpw, from_arrays, model_bpw,
+                      payload_bits, total_bits)
+from .proxy import coarse_proxy, fine_proxy, proxies, select_method
+from .scalar import AWQResult, awq_quantize, gptq_quantize, rtn_quantize
+from .vector import gptvq_quantize, kmeans_vq_quantize
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type
+    quantize: Callable
+    kind: str  # "sq" | "vq"
+    needs_hessian: bool
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("rtn", ScalarConfig, rtn_quantize, "sq", False),
+    Method("gptq", GPTQConfig, gptq_quantize, "sq", True),
+    Method("awq", AWQConfig, awq_quantize, "sq", True),
+    Method("kmeans", VQConfig, kmeans_vq_quantize, "vq", False),
+    Method("gptvq", VQConfig, gptvq_quantize, "vq", True),
+)}
+
+__all__ = [
+    "METHODS", "Method", "ScalarConfig", "GPTQConfig", "AWQConfig", "VQConfig", "ElementwiseConfig",
+    "ScalarQuantized", "VectorQuantized", "ElementwiseQuantized", "AWQResult", "rtn_quantize", "gptq_quantize",
+    "awq_quantize", "kmeans_vq_quantize", "gptvq_quantize", "elementwise_quantize", "coarse_proxy",
+    "fine_proxy", "proxies", "select_method", "proxy_score", "TensorInfo", "Plan", "PlanEntry", "plan_fixed",
+    "plan_for_budget", "bpw", "total_bits", "payload_bits", "model_bpw", "from_arrays",
+]
