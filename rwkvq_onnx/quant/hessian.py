@@ -36,4 +36,4 @@ def prepare(w: np.ndarray, h: np.ndarray, damp: float) -> tuple[torch.Tensor, to
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """Hessian-weighted output error tr(dW H dW^T) / 2 = mean ||x dW^T||^2 over calibration inputs."""
     d = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
-    return float(np.einsum("nk,kl,nl->", d, np.asarray(h, np.float64), d) / 2.0)
+    return float(np.sum((d @ np.asarray(h, np.float64)) * d) / 2.0)

@@ -47,25 +47,34 @@ def _init_centroids(x: torch.Tensor, k: int, method: str, gen: torch.Generator) 
 
 
 def assign(x: torch.Tensor, cents: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """Nearest entry under a per-coordinate weighted squared distance. x [G,n,d], cents [G,k,d] -> [G,n]."""
-    diff = (x.unsqueeze(2) - cents.unsqueeze(1)) ** 2  # G, n, k, d
-    if w is not None:
-        diff = diff * w.unsqueeze(2)
-    return diff.sum(-1).argmin(-1)
+    """Nearest entry under a per-coordinate weighted squared distance. x [G,n,d], cents [G,k,d] -> [G,n].
+
+    """
+    # sum_d w (x - c)^2 = sum_d w x^2 + [w, w x] . [c^2, -2 c]: one batched matmul with inner size 2d,
+    # the first term being the same for every entry.
+    ww = torch.ones_like(x) if w is None else w
+    lhs = torch.cat([ww, ww * x], dim=-1)  # G, n, 2d
+    rhs = torch.cat([cents * cents, -2.0 * cents], dim=-1).transpose(1, 2)  # G, 2d, k
+    dist = torch.bmm(lhs, rhs)
+    return dist.argmin(-1)
 
 
 def weighted_kmeans(x: torch.Tensor, w: torch.Tensor | None, k: int, iters: int, init: str,
                     gen: torch.Generator) -> torch.Tensor:
-    """EM k-means with per-coordinate weights; x and w [G, n, d] -> centroids [G, k, d]."""
-    cents = _init_centroids(x, k, init, gen)
-    ww = torch.ones_like(x) if w is None else w
+    """EM k-means with per-coordinate weights; x and w [G, n, d] -> centroids [G, k, d] (float64)."""
+    x32 = x.to(torch.float32)
+    w32 = None if w is None else w.to(torch.float32)
+    cents = _init_centroids(x32, k, init, gen)
+    G, n, d = x32.shape
+    ww = torch.ones_like(x32) if w32 is None else w32
+    wx = (ww * x32).reshape(G * n, d)
+    offset = (torch.arange(G) * k)[:, None]
     for _ in range(iters):
-        a = assign(x, cents, w)
-        onehot = torch.nn.functional.one_hot(a, k).to(x.dtype)  # G, n, k
-        num = torch.einsum("gnk,gnd->gkd", onehot, ww * x)
-        den = torch.einsum("gnk,gnd->gkd", onehot, ww)
+        a = (assign(x32, cents, w32) + offset).reshape(-1)
+        num = torch.zeros(G * k, d).index_add_(0, a, wx).reshape(G, k, d)
+        den = torch.zeros(G * k, d).index_add_(0, a, ww.reshape(G * n, d)).reshape(G, k, d)
         cents = torch.where(den > 0, num / den.clamp(min=1e-30), cents)  # empty clusters keep their entry
-    return cents
+    return cents.to(torch.float64)
 
 
 def quantize_codebooks(cents: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +200,7 @@ def gptvq_quantize(w: np.ndarray, h: np.ndarray, cfg: VQConfig = VQConfig()) -> 
     return payload
 
 
-def update_codebooks(q: VectorQuantized, w: np.ndarray, h: np.ndarray, iters: int = 15) -> VectorQuantized:
+def update_codebooks(q: VectorQuantized, w: np.ndarray, h: np.ndarray, iters: int = 10) -> VectorQuantized:
     """Refit codebook entries (assignments fixed) to minimise tr(dW H dW^T), by conjugate gradients.
 
     The output error is quadratic in the entries, so CG with exact line
