@@ -76,6 +76,30 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(result.speed_line())
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .quantize import QuantizeOptions, quantize_model
+
+    opts = QuantizeOptions(
+        method=args.method, bpw=args.bpw, wbits=args.wbits, group_size=args.group_size,
+        symmetric={"sym": True, "asym": False, None: None}[args.sym], vq_dim=args.vq_dim, tau_c=args.tau_c,
+        tau_f=args.tau_f, calib=str(args.calib) if args.calib else None, nsamples=args.nsamples,
+        seqlen=args.seqlen, seed=args.seed, sequential=args.sequential,
+        elementwise={"on": True, "off": False, None: None}[args.elementwise],
+        elementwise_bits=args.elementwise_bits, fold_elementwise=args.fold_elementwise, sq_format=args.sq_format,
+        lower_vq=args.lower_vq, tokenizer=args.tokenizer, kmeans_iters=args.kmeans_iters)
+    result = quantize_model(args.model, args.output, opts, args.report)
+    t = result.report["totals"]
+    for path in result.outputs:
+        print(f"wrote {path} ({_size(path)})")
+    target = "" if t["bpw_target"] is None else f" (target {t['bpw_target']})"
+    print(f"{t['quantized_tensors']} tensors ({t['quantized_weights'] / 1e6:.2f}M weights): bpw {t['bpw']:.4f}"
+          f"{target}, methods {t['methods']}, stored {t['quantized_weights_stored_bits_per_weight']:.3f} "
+          f"bits/weight ({t['quantized_weights_ratio_to_fp16']:.3f} x fp16); embedding+head "
+          f"{t['embedding_and_head_bytes'] / 2**20:.1f} MiB kept; {result.report['seconds']:.1f} s")
+    if args.report:
+        print(f"wrote {args.report}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -131,6 +155,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.9)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quantize", help="quantize an exported model (RWKVQuant or a baseline method)",
+                       description="Calibrate the exported sequence graph in onnxruntime, quantize every linear "
+                                   "weight (and, for rwkvquant, the element-wise vectors) and write a runnable "
+                                   "quantized ONNX model. When IN.onnx has a .step.onnx sibling, OUT.step.onnx "
+                                   "gets the same weights.")
+    q.add_argument("model", type=Path, help="fp sequence graph from `rwkvq-onnx export`")
+    q.add_argument("-o", "--output", type=Path, required=True, help="quantized .onnx")
+    q.add_argument("--method", default="rwkvquant", choices=("rwkvquant", "gptq", "gptvq", "rtn", "kmeans", "awq"),
+                   help="rwkvquant: proxy-chosen GPTQ or GPTVQ per weight + element-wise codebooks (default)")
+    q.add_argument("--bpw", type=float, default=None,
+                   help="bits-per-weight target over the linear weights (e.g. 3.275); rwkvquant meets it by "
+                        "ranking weights by the proxy, baselines by their group/codebook sizes")
+    q.add_argument("--wbits", type=int, default=3, help="bits per weight of codes (default 3)")
+    q.add_argument("--group-size", type=int, default=64, help="scalar group size along K (0 = per channel)")
+    q.add_argument("--sym", choices=("sym", "asym"), default=None,
+                   help="scalar zero points (default: sym for rwkvquant, asym for baselines)")
+    q.add_argument("--vq-dim", type=int, default=2, help="weights per codebook index (1, 2 or 4)")
+    q.add_argument("--tau-c", type=float, default=1.5, help="coarse proxy threshold (paper: 1.5)")
+    q.add_argument("--tau-f", type=float, default=50.0, help="fine proxy threshold (paper: 50)")
+    q.add_argument("--calib", type=Path, help="calibration text or jsonl ({\"text\": ...} per line)")
+    q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--sequential", action="store_true",
+                   help="re-calibrate each block after the blocks before it are quantized (slower, as GPTQ)")
+    q.add_argument("--elementwise", choices=("on", "off"), default=None,
+                   help="activation-weighted codebooks for element-wise vectors (default: on for rwkvquant)")
+    q.add_argument("--elementwise-bits", type=int, default=4)
+    q.add_argument("--fold-elementwise", action="store_true", help="store decoded element-wise vectors as constants")
+    q.add_argument("--sq-format", choices=("qdq", "matmulnbits"), default="qdq",
+                   help="scalar weights as DequantizeLinear+MatMul (default) or com.microsoft.MatMulNBits")
+    q.add_argument("--lower-vq", action="store_true", help="rewrite rwkvq ops into standard ONNX ops")
+    q.add_argument("--kmeans-iters", type=int, default=25)
+    q.add_argument("--tokenizer", default="auto", help="as for eval")
+    q.add_argument("--report", type=Path, help="write the per-tensor JSON report here")
+    q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("demo", help="end to end on a built-in synthetic RWKV-7 (no download)",
                        description="Create a seeded RWKV-7, export it, check it against the reference model, "

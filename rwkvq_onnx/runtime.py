@@ -19,14 +19,37 @@ StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def session_options(threads: int | None = None):
-    """Session options shared by every session the library opens."""
+    """Session options shared by every session the library opens (the rwkvq custom ops registered)."""
     import onnxruntime as ort
+
+    from .ortops import register
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    opts.register_custom_ops_library(register())
+    # exact MatMulNBits / fused DequantizeLinear+MatMul numerics (no int8 activations)
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return opts
+
+
+def open_session_from_model(model, threads: int | None = None):
+    """A session over an in-memory model (written to a temporary file when too large for one protobuf)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size < 1_800_000_000:
+        return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def open_session(path: str | Path, threads: int | None = None):

@@ -108,7 +108,7 @@ def plan_for_budget(tensors: list[TensorInfo], target: float, sq: ScalarConfig, 
         if not lo - tol * n_total <= target_bits <= hi + tol * n_total:
             continue
         vq_ts = ranked[:k]
-        rows, total_bits = _solve_rows(vq_ts, target_bits - sum(sq_bits[t.name] for t in tensors
+        rows, total_bits = solve_codebook_rows(vq_ts, target_bits - sum(sq_bits[t.name] for t in tensors
                                                                   if t not in vq_ts), sq, vq, max_group_rows)
         total_bits += sum(sq_bits[t.name] for t in tensors if t not in vq_ts)
         if abs(total_bits - target_bits) <= tol * n_total:
@@ -127,7 +127,7 @@ def plan_for_budget(tensors: list[TensorInfo], target: float, sq: ScalarConfig, 
     return Plan(tuple(entries), total_bits / n_total, target, k, k0)
 
 
-def _solve_rows(vq_ts: list[TensorInfo], budget_bits: float, sq, vq, max_rows) -> tuple[dict[str, int], float]:
+def solve_codebook_rows(vq_ts: list[TensorInfo], budget_bits: float, sq, vq, max_rows) -> tuple[dict[str, int], float]:
     """Rows per codebook for the VQ tensors so their bits sum to `budget_bits`: a common height, then nudges."""
     if not vq_ts:
         return {}, 0.0

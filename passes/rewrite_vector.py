@@ -1,0 +1,59 @@
+"""Pass: vector payloads into the graph.
+
+    MatMul(x, W) -> rwkvq.VQMatMul(x, codes, codebooks, scales)
+
+codes are bit-packed per row (index_bits each), codebooks int8 with one
+scale per codebook, all initializers named after the weight. In float16
+graphs the op runs in float32 between two Casts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from rwkvq_onnx import ops
+from rwkvq_onnx.errors import ConfigError
+from rwkvq_onnx.graph import ensure_opset
+from rwkvq_onnx.quant import VectorQuantized
+
+from .base import PassResult, QuantState
+
+
+@dataclass
+class RewriteVector:
+    name: str = "rewrite-vector"
+
+    def __call__(self, model: onnx.ModelProto, state: QuantState) -> PassResult:
+        result = PassResult(self.name)
+        targets = {n: q for n, q in state.payloads.items() if isinstance(q, VectorQuantized)}
+        inits = {t.name: t for t in model.graph.initializer}
+        new_nodes = []
+        for node in model.graph.node:
+            w = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+            if w not in targets or w not in inits:
+                new_nodes.append(node)
+                continue
+            q = targets[w]
+            if q.codebook_bits > 8:
+                raise ConfigError(f"{w}: rwkvq.VQMatMul stores 8-bit codebooks, got {q.codebook_bits}-bit")
+            arrays, attrs = ops.vq_matmul_inputs(q)
+            names = [f"{w}_{k}" for k in arrays]
+            model.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(arrays.values(), names))
+            fp16 = inits[w].data_type == TensorProto.FLOAT16
+            x, y = node.input[0], node.output[0]
+            if fp16:
+                new_nodes.append(helper.make_node("Cast", [x], [w + "_x32"], to=TensorProto.FLOAT))
+                x, y = w + "_x32", w + "_y32"
+            new_nodes.append(helper.make_node("VQMatMul", [x, *names], [y], name=node.name, domain=ops.DOMAIN,
+                                              **attrs))
+            if fp16:
+                new_nodes.append(helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.FLOAT16))
+            result.counts["vq_matmul"] = result.counts.get("vq_matmul", 0) + 1
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        if result.counts:
+            ensure_opset(model, ops.DOMAIN, ops.OPSET_VERSION)
+        return result
