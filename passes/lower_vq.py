@@ -38,7 +38,8 @@ class LowerVQ:
                 nodes.append(node)
                 continue
             a = _attrs(node)
-            base = node.name or node.output[0]
+            # name the lowered tensors after the weight (inputs are WEIGHT_codes, ...), so reports find them
+            base = node.input[1][: -len("_codes")] if node.input[1].endswith("_codes") else node.output[0]
             if node.op_type == "VQMatMul":
                 codes, books, scales = (get_initializer(model, n) for n in node.input[1:4])
                 N, K, d, gr, gc, bits = (int(a[k]) for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits"))
