@@ -253,3 +253,21 @@ extern "C" __global__ void rwkvq_vq_elementwise_f32(const float* __restrict__ x,
     const rq_u32 code = rwkvq_read_code(codes, code_bytes, (int)(i % n), bits);
     y[i] = x[i] * codebook[code];
 }
+
+// TensorRT AOT plugin entry points: TensorRT passes (inputs..., extra scalar args..., outputs...).
+extern "C" __global__ void __launch_bounds__(256) rwkvq_trt_vq_gemv(
+    const __half* __restrict__ x, const rq_u8* __restrict__ codes, const rq_i8* __restrict__ books,
+    const float* __restrict__ scales, int B, int N, int K, int dim, int group_rows, int group_cols, int bits,
+    int row_bytes, __half* __restrict__ y) {
+    rwkvq_vq_gemv_smem_impl<RWKVQ_MAX_BATCH, 1>(x, codes, books, scales, y, B, N, K, dim, group_rows, group_cols,
+                                                bits, row_bytes);
+}
+
+extern "C" __global__ void rwkvq_trt_vq_elementwise(const __half* __restrict__ x, const rq_u8* __restrict__ codes,
+                                                    const float* __restrict__ codebook, int total, int n, int bits,
+                                                    int code_bytes, __half* __restrict__ y) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const rq_u32 code = rwkvq_read_code(codes, code_bytes, i % n, bits);
+    y[i] = __float2half(__half2float(x[i]) * codebook[code]);
+}

@@ -100,6 +100,36 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"wrote {args.report}")
 
 
+def cmd_build_engine(args: argparse.Namespace) -> None:
+    from .tensorrt_build import build_engine
+
+    sidecar = build_engine(args.model, args.output, fp16=args.fp16, max_batch=args.max_batch, max_seq=args.max_seq,
+                           workspace_mib=args.workspace)
+    print(f"wrote {args.output} and {args.output}.json (TensorRT {sidecar['tensorrt']}, plugins {sidecar['plugins']})")
+
+
+def cmd_triton_repo(args: argparse.Namespace) -> None:
+    from .triton import triton_repo
+
+    folder = triton_repo(args.model, args.output, name=args.name, kind=args.kind, instances=args.instances)
+    print(f"wrote {folder}/config.pbtxt and {folder}/1/ (serve with: tritonserver --model-repository {args.output})")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .tokenizers import get_tokenizer
+    from .runtime import RwkvSession
+    from .validate import validate
+
+    config = RwkvSession(args.a, use_step_graph=False).config
+    tokens = get_tokenizer(args.tokenizer, config.vocab_size).encode(args.prompt)[: args.tokens]
+    res = validate(args.a, args.b, tokens, args.atol, args.rtol, args.stat)
+    for out, err in res.max_abs.items():
+        print(f"{out}: max |a-b| {err:.3e}, mean {res.mean_abs[out]:.3e}")
+    print(f"{'PASSED' if res.passed else 'FAILED'}: {res.feeds} feed(s), atol {args.atol}, rtol {args.rtol}, "
+          f"error statistic {args.stat}")
+    return 0 if res.passed else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -109,7 +139,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rwkvq-onnx",
-        description="Export RWKV-6/7 checkpoints to ONNX, evaluate them and generate text with onnxruntime.",
+        description="Export RWKV-6/7 checkpoints to ONNX, quantize them (RWKVQuant and baselines), evaluate and "
+                    "generate with onnxruntime, build TensorRT engines and Triton repositories.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -193,6 +224,43 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--report", type=Path, help="write the per-tensor JSON report here")
     q.set_defaults(func=cmd_quantize)
 
+    b = sub.add_parser("build-engine", help="TensorRT engine (.plan) with the rwkvq plugins (needs a GPU)",
+                       description="Validate and prepare the graph for TensorRT (plugins, fp16 activations for "
+                                   "them), set optimization profiles for token and state shapes, build and "
+                                   "serialize the engine, and write OUT.plan.json. Without TensorRT or a GPU it "
+                                   "stops with one line after validating everything it can.")
+    b.add_argument("model", type=Path, help="step graph (recommended) or sequence graph")
+    b.add_argument("-o", "--output", type=Path, required=True, help="engine .plan")
+    b.add_argument("--fp16", action="store_true", help="fp16 engine (TensorRT 11: export with --fp16 instead)")
+    b.add_argument("--max-batch", type=int, default=1)
+    b.add_argument("--max-seq", type=int, default=128, help="longest T for a sequence graph")
+    b.add_argument("--workspace", type=int, default=4096, help="builder workspace in MiB")
+    b.set_defaults(func=cmd_build_engine)
+
+    t = sub.add_parser("triton-repo", help="Triton model repository (implicit state, sequence batcher)",
+                       description="Write REPO/NAME/config.pbtxt (checked with Triton's own schema) and the model.")
+    t.add_argument("model", type=Path, help="engine .plan (with its .plan.json) or .onnx")
+    t.add_argument("-o", "--output", type=Path, required=True, help="model repository folder")
+    t.add_argument("--name", default="rwkv")
+    t.add_argument("--kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
+                   help="instance kind (default: GPU for .plan, CPU for .onnx)")
+    t.add_argument("--instances", type=int, default=1)
+    t.set_defaults(func=cmd_triton_repo)
+
+    v2 = sub.add_parser("validate", help="compare two models' outputs with Polygraphy",
+                        description="Feed both models the same tokens and states (onnxruntime with the rwkvq ops, "
+                                    "or TensorRT for .plan) and compare logits and states. Exit 1 when outside "
+                                    "tolerance.")
+    v2.add_argument("a", type=Path, help="reference model (.onnx)")
+    v2.add_argument("b", type=Path, help="model to check (.onnx or .plan)")
+    v2.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.")
+    v2.add_argument("--tokens", type=int, default=16, help="tokens of the prompt to feed")
+    v2.add_argument("--atol", type=float, default=1e-4)
+    v2.add_argument("--rtol", type=float, default=1e-4)
+    v2.add_argument("--stat", choices=("max", "mean", "median"), default="max", help="error statistic checked")
+    v2.add_argument("--tokenizer", default="auto")
+    v2.set_defaults(func=cmd_validate)
+
     d = sub.add_parser("demo", help="end to end on a built-in synthetic RWKV-7 (no download)",
                        description="Create a seeded RWKV-7, export it, check it against the reference model, "
                                    "evaluate it and generate from it.")
@@ -207,14 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except RwkvqError as exc:
         print(f"rwkvq-onnx {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

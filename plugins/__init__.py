@@ -1,0 +1,1 @@
+"""CUDA kernels and TensorRT plugin definitions for the rwkvq ops (installed as `rwkvq_onnx.plugins`)."""

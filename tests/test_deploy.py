@@ -1,0 +1,200 @@
+"""GPU deployment pieces testable here: kernel compilation, TensorRT preparation, Triton configs, Polygraphy."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from rwkvq_onnx import ops
+from rwkvq_onnx.cli import main
+from rwkvq_onnx.errors import ConfigError
+from rwkvq_onnx.export import step_path
+from rwkvq_onnx.plugins import trt_plugins
+from rwkvq_onnx.runtime import RwkvSession
+from rwkvq_onnx.tensorrt_build import cuda_device_count, optimization_profile, prepare_for_tensorrt
+from rwkvq_onnx.triton import parse_model_config, triton_repo
+from rwkvq_onnx.validate import validate
+
+from .conftest import GOLDEN_TEXT
+
+KERNELS = ["rwkvq_vq_gemv", "rwkvq_vq_gemv_smem", "rwkvq_vq_gemv_smem_batch", "rwkvq_vq_decode",
+           "rwkvq_vq_elementwise", "rwkvq_vq_elementwise_f32", "rwkvq_trt_vq_gemv", "rwkvq_trt_vq_elementwise"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_ckpt, tmp_path_factory):
+    """A tiny RWKV-7 exported (both graphs) and quantized with RWKVQuant, symmetric SQ (TensorRT-ready)."""
+    d = tmp_path_factory.mktemp("deploy")
+    calib = d / "calib.txt"
+    calib.write_text((GOLDEN_TEXT.decode() + " ") * 40)
+    fp = d / "fp.onnx"
+    assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both"]) == 0
+    q = d / "q.onnx"
+    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.5", "--calib", str(calib), "--nsamples", "4",
+                 "--seqlen", "64", "--sym", "sym"]) == 0
+    return fp, q, calib
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("sm", ["80", "90"])
+def test_kernels_compile_with_nvcc(tmp_path, sm):
+    build = subprocess.run(["bash", "plugins/build.sh", str(tmp_path), sm], capture_output=True, text=True,
+                           cwd=str(trt_plugins.__file__).rsplit("/plugins/", 1)[0])
+    assert build.returncode == 0, build.stderr
+    ptx = (tmp_path / "rwkvq_kernels.ptx").read_text()
+    for name in KERNELS:
+        assert f".entry {name}(" in ptx
+    assert (tmp_path / "rwkvq_kernels.cubin").stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_kernels_match_reference_on_gpu():
+    cp = pytest.importorskip("cupy")
+    if cuda_device_count() == 0:
+        pytest.skip("no NVIDIA GPU")
+    from rwkvq_onnx.plugins import harness
+
+    results = harness.check_correctness(harness.load_module(), np.random.default_rng(0))
+    assert results and all(r["ok"] for r in results), [r for r in results if not r["ok"]]
+    del cp
+
+
+def test_gemv_launch_geometry_matches_layout_rules():
+    launch = trt_plugins.gemv_launch(N=4096, K=4096, dim=2, group_rows=16, group_cols=256, index_bits=6)
+    assert launch["grid"] == (256, 2) and launch["block"] == 256
+    assert launch["shared_mem"] == 4 * (16 * 64 * 2 + 8 * (32 * 6 + 1))
+    assert launch["row_bytes"] == 2048 * 6 // 8
+    assert trt_plugins.gemv_supported(4096, 4096, 2, 16, 256, 6) is None
+    assert "4-byte" in trt_plugins.gemv_supported(10, 36, 2, 4, 36, 3)
+
+
+def test_build_engine_validates_then_stops_without_tensorrt(quantized, tmp_path, capsys):
+    fp, q, _ = quantized
+    plan = tmp_path / "q.plan"
+    rc = main(["build-engine", str(step_path(q)), "-o", str(plan), "--max-batch", "4"])
+    out, err = capsys.readouterr()
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = cuda_device_count() > 0
+    except ImportError:
+        has_trt = False
+    if has_trt:  # a real build: the plan and its sidecar exist
+        assert rc == 0 and plan.is_file() and json.loads((tmp_path / "q.plan.json").read_text())["plugins"]
+        return
+    assert rc == 2 and not plan.exists()
+    assert "validated" in out and "VQMatMul" in out
+    assert len(err.strip().splitlines()) == 1 and ("TensorRT" in err or "GPU" in err)
+
+
+def test_build_engine_refuses_what_tensorrt_cannot_run(quantized, tmp_path, capsys):
+    fp, q, calib = quantized
+    for fmt_args, needle in ((["--sq-format", "matmulnbits", "--sym", "sym"], "--sq-format qdq"),
+                             (["--sym", "asym"], "--sym sym")):
+        out = tmp_path / f"x{len(fmt_args)}{fmt_args[-1]}.onnx"
+        assert main(["quantize", str(fp), "-o", str(out), "--method", "gptq", "--calib", str(calib),
+                     "--nsamples", "2", "--seqlen", "32", *fmt_args]) == 0
+        capsys.readouterr()
+        assert main(["build-engine", str(out), "-o", str(tmp_path / "x.plan")]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_prepare_for_tensorrt_sets_plugin_attributes_and_fp16_casts(quantized):
+    _, q, _ = quantized
+    model = onnx.load(step_path(q))
+    model.functions.append(onnx.helper.make_function("rwkvq", "VQMatMul", ["x"], ["y"], [], []))
+    prepared, notes = prepare_for_tensorrt(model)
+    assert len(prepared.functions) == 0 and notes["functions_stripped"] == 1
+    custom = [n for n in prepared.graph.node if n.domain == ops.DOMAIN]
+    assert custom and notes["plugins"]["VQMatMul"] == sum(n.op_type == "VQMatMul" for n in custom)
+    for n in custom:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["plugin_namespace"] == b"rwkvq" and attrs["plugin_version"] == b"1"
+    producers = {o: n for n in prepared.graph.node for o in n.output}
+    assert all(producers[n.input[0]].op_type == "Cast" for n in custom)
+    assert notes["casts_added"] == 2 * len(custom)
+
+
+def test_optimization_profiles_cover_batch_and_sequence(quantized):
+    fp, q, _ = quantized
+    c = RwkvSession(fp).config
+    step = optimization_profile(onnx.load(step_path(q)), max_batch=4, max_seq=64).shapes
+    assert step["token"] == ((1,), (1,), (4,))
+    assert step["state_wkv"][2] == (c.n_layer, 4, c.n_head, c.head_size, c.head_size)
+    seq = optimization_profile(onnx.load(q), max_batch=2, max_seq=64).shapes
+    assert seq["tokens"] == ((1, 1), (1, 64), (2, 64))
+    with pytest.raises(ConfigError):
+        optimization_profile(onnx.load(q), max_batch=0, max_seq=1)
+
+
+def test_triton_repo_onnx_parses_and_runs_in_plain_onnxruntime(quantized, tmp_path):
+    fp, q, _ = quantized
+    folder = triton_repo(q, tmp_path / "repo", name="tiny")
+    cfg = parse_model_config((folder / "config.pbtxt").read_text())
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 0
+    assert [s.input_name for s in cfg.sequence_batching.state] == ["state_att_shift", "state_ffn_shift", "state_wkv"]
+    assert all(s.initial_state[0].zero_data for s in cfg.sequence_batching.state)
+    kinds = {c.control[0].kind for c in cfg.sequence_batching.control_input}
+    assert kinds == {cfg.sequence_batching.Control.CONTROL_SEQUENCE_START,
+                     cfg.sequence_batching.Control.CONTROL_SEQUENCE_CORRID}
+    assert [i.name for i in cfg.input] == ["token"] and list(cfg.output[0].dims) == [1, 256]
+    model_file = folder / "1" / "model.onnx"
+    assert not any(n.domain == "rwkvq" for n in onnx.load(model_file).graph.node)
+    plain = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    sess = RwkvSession(q)
+    state, ref_state = sess.zero_state(1), None
+    for tok in GOLDEN_TEXT[:12]:
+        feeds = {"token": np.array([tok]), "state_att_shift": state[0], "state_ffn_shift": state[1],
+                 "state_wkv": state[2], "START": np.zeros(1, np.float32), "CORRID": np.ones(1, np.uint64)}
+        logits, *state = plain.run(None, feeds)
+        ref, ref_state = sess.step(np.array([tok]), ref_state)
+        np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="not empty"):
+        triton_repo(q, tmp_path / "repo", name="tiny")
+
+
+def test_triton_repo_for_engine_uses_sidecar_shapes(quantized, tmp_path):
+    fp, _, _ = quantized
+    c = RwkvSession(fp).config
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"engine bytes")
+    sidecar = {"model": json.loads(c.to_json()), "profile": {"token": [[1], [1], [1]]}}
+    (tmp_path / "m.plan.json").write_text(json.dumps(sidecar))
+    folder = triton_repo(plan, tmp_path / "repo")
+    cfg = parse_model_config((folder / "config.pbtxt").read_text())
+    assert cfg.platform == "tensorrt_plan" and cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
+    assert list(cfg.sequence_batching.state[2].dims) == [c.n_layer, 1, c.n_head, c.head_size, c.head_size]
+    assert (folder / "1" / "model.plan").read_bytes() == b"engine bytes"
+    (tmp_path / "m.plan.json").unlink()
+    with pytest.raises(ConfigError, match="sidecar"):
+        triton_repo(plan, tmp_path / "repo2")
+
+
+def test_misspelled_config_field_is_rejected_by_tritons_schema():
+    with pytest.raises(ConfigError, match="invalid Triton model config"):
+        parse_model_config('name: "x"\nplatfrom: "onnxruntime_onnx"\n')
+
+
+def test_polygraphy_compares_fp_with_quantized_on_cpu(quantized, tmp_path, capsys):
+    fp, q, _ = quantized
+    tokens = list(GOLDEN_TEXT[:16])
+    loose = validate(fp, q, tokens, atol=1.0, rtol=0.0)
+    assert loose.passed and loose.max_abs["logits"] > 0
+    strict = validate(fp, q, tokens, atol=1e-7, rtol=0.0)
+    assert not strict.passed
+    lowered = tmp_path / "lowered.onnx"
+    from rwkvq_onnx.passes.lower_vq import LowerVQ
+
+    m = onnx.load(q)
+    LowerVQ()(m)
+    onnx.save(m, lowered)
+    same = validate(q, lowered, tokens, atol=1e-5, rtol=0.0)
+    assert same.passed
+    step = validate(step_path(fp), step_path(q), tokens[:6], atol=1.0, rtol=0.0)
+    assert step.passed and step.feeds == 6
+    assert main(["validate", str(fp), str(q), "--atol", "1e-7", "--rtol", "0"]) == 1
+    assert main(["validate", str(fp), str(q), "--atol", "1.0"]) == 0
