@@ -14,6 +14,12 @@ from typing import Iterator
 from .errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_writable(path: str | Path) -> Path:
     """Fail early, naming the path, if its folder is missing or not writable."""
     path = Path(path)
@@ -36,6 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

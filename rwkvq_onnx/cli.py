@@ -130,6 +130,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if res.passed else 1
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import build_report_html
+
+    print(f"wrote {build_report_html(args.report, args.output, histograms=args.histograms)}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -260,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     v2.add_argument("--stat", choices=("max", "mean", "median"), default="max", help="error statistic checked")
     v2.add_argument("--tokenizer", default="auto")
     v2.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("report", help="HTML page: proxies vs thresholds, SQ/VQ map, histograms, errors",
+                       description="Render the JSON report of `quantize --report` as one self-contained HTML page.")
+    r.add_argument("report", type=Path, help="JSON written by quantize --report")
+    r.add_argument("-o", "--output", type=Path, required=True, help="report .html")
+    r.add_argument("--histograms", type=int, default=2, help="weights shown per side (most / least uniform)")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="end to end on a built-in synthetic RWKV-7 (no download)",
                        description="Create a seeded RWKV-7, export it, check it against the reference model, "

@@ -6,7 +6,7 @@ library opens runs quantized graphs exactly like fp ones.
 """
 from __future__ import annotations
 
-from . import ops
+from . import cpu_kernels, ops
 
 _REGISTERED = False
 
@@ -23,7 +23,7 @@ def register() -> str:
                                               "group_rows": T.dt_int64, "group_cols": T.dt_int64,
                                               "index_bits": T.dt_int64})
         def vq_matmul(x, codes, codebooks, scales, **attrs):
-            return ops.vq_matmul(x, codes, codebooks, scales, **{k: int(v) for k, v in attrs.items()})
+            return cpu_kernels.vq_matmul(x, codes, codebooks, scales, **{k: int(v) for k, v in attrs.items()})
 
         @onnx_op(op_type=f"{ops.DOMAIN}::VQElementwise", inputs=[T.dt_float, T.dt_uint8, T.dt_float],
                  outputs=[T.dt_float], attrs={"index_bits": T.dt_int64, "shape": T.dt_string})
