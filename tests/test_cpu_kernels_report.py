@@ -1,0 +1,91 @@
+"""Compiled CPU kernels vs the numpy reference; the HTML report; the quality-table tool on a tiny model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rwkvq_onnx import cpu_kernels, ops
+from rwkvq_onnx.cli import main
+
+from .conftest import GOLDEN_TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _payload(rng, n, k, dim, bpw, gr, gc):
+    ib = bpw * dim
+    codes = rng.integers(0, 1 << ib, size=(n, k // dim))
+    R, C = -(-n // gr), -(-k // gc)
+    books = rng.integers(-127, 128, size=(R, C, 1 << ib, dim)).astype(np.int8)
+    scales = (rng.random((R, C)) * 0.01 + 1e-3).astype(np.float32)
+    return ops.pack_rows(codes, ib), books, scales, dict(N=n, K=k, dim=dim, group_rows=gr, group_cols=gc,
+                                                         index_bits=ib)
+
+
+def test_compiled_kernels_are_built_by_the_install():
+    assert cpu_kernels.available(), "the package install must build plugins/cpu_kernels.c"
+
+
+@pytest.mark.parametrize("shape", [(768, 768, 2, 3, 16, 256), (300, 256, 1, 3, 7, 128), (64, 128, 4, 2, 5, 64),
+                                   (40, 48, 2, 4, 5, 16), (33, 48, 1, 4, 5, 16), (129, 96, 2, 3, 200, 96)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_vq_matmul_kernel_equals_reference(shape, rows):
+    """Numerics of the fast kernels: within 1e-5 of the reference, relative to the output scale."""
+    rng = np.random.default_rng(sum(shape) + rows)
+    packed, books, scales, attrs = _payload(rng, *shape)
+    x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+    ref = ops.vq_matmul(x, packed, books, scales, **attrs)
+    got = cpu_kernels.vq_matmul(x, packed, books, scales, **attrs)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    np.testing.assert_array_equal(cpu_kernels.vq_decode(packed, books, scales, **attrs),
+                                  ops.vq_weight(packed, books, scales, **attrs))
+
+
+def test_report_html_shows_the_decisions(tmp_path, tiny_ckpt):
+    pytest.importorskip("matplotlib")
+    calib = tmp_path / "calib.txt"
+    calib.write_text((GOLDEN_TEXT.decode() + " ") * 30)
+    fp, q = tmp_path / "fp.onnx", tmp_path / "q.onnx"
+    assert main(["export", str(tiny_ckpt), "-o", str(fp)]) == 0
+    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.3", "--calib", str(calib), "--nsamples", "2",
+                 "--seqlen", "64", "--report", str(tmp_path / "q.json")]) == 0
+    out = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "q.json"), "-o", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") == 4  # proxies, method map, errors, histograms
+    report = json.loads((tmp_path / "q.json").read_text())
+    for name, row in report["tensors"].items():
+        if row.get("kind") in ("sq", "vq"):
+            assert name in page
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["report", str(bad), "-o", str(tmp_path / "x.html")]) == 2
+
+
+def test_quality_table_tool_runs_on_a_tiny_model(tmp_path, tiny_ckpt):
+    calib, val = tmp_path / "calib.txt", tmp_path / "val.txt"
+    rng = np.random.default_rng(0)
+    words = ["state", "token", "model", "weight", "kernel", "graph", "layer", "value", "decay", "shift"]
+    calib.write_text(" ".join(rng.choice(words, 3000)))
+    val.write_text(" ".join(rng.choice(words[::-1], 2000)) + " held out")
+    cmd = [sys.executable, str(ROOT / "tools" / "quality_table.py"), str(tiny_ckpt), "--calib", str(calib),
+           "--eval", str(val), "--chunk-len", "200", "--chunk-every", "1000", "--max-docs", "4", "--nsamples", "2",
+           "--seqlen", "64", "--only", "rtn,rwkvquant", "--out", str(tmp_path / "q")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = json.loads((tmp_path / "q" / "table.json").read_text())
+    labels = [(r["label"], r["bpw_target"]) for r in table["rows"]]
+    assert labels[0] == ("fp32", 32) and ("RWKVQuant", 3.275) in labels and ("RTN", 3.5) in labels
+    assert all(r["bits_per_byte"] > 0 for r in table["rows"])
+    md = (tmp_path / "q" / "table.md").read_text()
+    assert "| RWKVQuant | 3.275 |" in md
+    # the tool refuses overlapping calibration and evaluation texts
+    same = subprocess.run(cmd[:5] + ["--eval", str(calib), "--out", str(tmp_path / "r")], capture_output=True,
+                          text=True, timeout=120)
+    assert same.returncode != 0 and "refusing" in same.stderr + same.stdout
