@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
@@ -20,6 +21,33 @@ from rwkvq_onnx.errors import BudgetError, ConfigError
 from .base import PassResult, QuantState
 
 POLICIES = ("rwkvquant", *METHODS)
+RANKINGS = ("proxy", "variance", "range", "mse")
+
+
+def alternative_ranking(kind: str, state: QuantState, infos: list[TensorInfo], sq: ScalarConfig,
+                        vq: VQConfig) -> dict[str, float] | None:
+    """Ablation scores (higher = VQ first): weight variance, weight range, or the output-error gain of
+    GPTVQ over GPTQ measured by quantizing every weight both ways (the costly choice the proxy avoids)."""
+    if kind == "proxy":
+        return None
+    if kind not in RANKINGS:
+        raise ConfigError(f"unknown ranking '{kind}' (choose from {', '.join(RANKINGS)})")
+    out = {}
+    for i in infos:
+        w = state.weights[i.name]
+        if kind == "variance":
+            out[i.name] = float(np.var(w))
+        elif kind == "range":
+            out[i.name] = float(np.ptp(w) / max(np.std(w), 1e-30))
+        else:
+            from rwkvq_onnx.quant import gptq_quantize, gptvq_quantize
+            from rwkvq_onnx.quant.hessian import output_error
+
+            h = state.stats.hessians[i.name]
+            e_sq = output_error(w, gptq_quantize(w, h, sq).dequantize(), h)
+            e_vq = output_error(w, gptvq_quantize(w, h, vq).dequantize(), h) if vq_eligible(i, vq) else e_sq
+            out[i.name] = (e_sq - e_vq) / max(e_sq, 1e-30)
+    return out
 
 
 # Group sizes come in powers of two, so a baseline lands near, not on, a target; small tensors
@@ -54,6 +82,7 @@ class SelectMethods:
     tau_c: float = 1.5
     tau_f: float = 50.0
     progress: bool = True
+    ranking: str = "proxy"
     name: str = "select-methods"
 
     def __call__(self, model: onnx.ModelProto, state: QuantState) -> PassResult:
@@ -63,8 +92,11 @@ class SelectMethods:
         for t in tqdm(state.linear, desc="proxies", unit="tensor", disable=None if self.progress else True):
             infos.append(TensorInfo(t.weight, t.shape, proxies(state.weights[t.weight])))
         if self.policy == "rwkvquant":
-            plan = (plan_for_budget(infos, self.bpw, self.sq, self.vq, self.tau_c, self.tau_f) if self.bpw
-                    else plan_fixed(infos, self.sq, self.vq, self.tau_c, self.tau_f))
+            ranking = alternative_ranking(self.ranking, state, infos, self.sq, self.vq)
+            if ranking is not None and not self.bpw:
+                raise ConfigError("--ranking other than 'proxy' needs a --bpw target (it orders, it has no threshold)")
+            plan = (plan_for_budget(infos, self.bpw, self.sq, self.vq, self.tau_c, self.tau_f, ranking=ranking)
+                    if self.bpw else plan_fixed(infos, self.sq, self.vq, self.tau_c, self.tau_f))
             state.plan = plan.by_name()
             for e in plan.entries:
                 state.algorithm[e.name] = "gptvq" if e.method == "vq" else "gptq"

@@ -86,7 +86,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         seqlen=args.seqlen, seed=args.seed, sequential=args.sequential,
         elementwise={"on": True, "off": False, None: None}[args.elementwise],
         elementwise_bits=args.elementwise_bits, fold_elementwise=args.fold_elementwise, sq_format=args.sq_format,
-        lower_vq=args.lower_vq, tokenizer=args.tokenizer, kmeans_iters=args.kmeans_iters)
+        lower_vq=args.lower_vq, tokenizer=args.tokenizer, kmeans_iters=args.kmeans_iters, ranking=args.ranking)
     result = quantize_model(args.model, args.output, opts, args.report)
     t = result.report["totals"]
     for path in result.outputs:
@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scalar weights as DequantizeLinear+MatMul (default) or com.microsoft.MatMulNBits")
     q.add_argument("--lower-vq", action="store_true", help="rewrite rwkvq ops into standard ONNX ops")
     q.add_argument("--kmeans-iters", type=int, default=25)
+    q.add_argument("--ranking", choices=("proxy", "variance", "range", "mse"), default="proxy",
+                   help="rwkvquant ablations: order weights for VQ by another criterion (needs --bpw)")
     q.add_argument("--tokenizer", default="auto", help="as for eval")
     q.add_argument("--report", type=Path, help="write the per-tensor JSON report here")
     q.set_defaults(func=cmd_quantize)

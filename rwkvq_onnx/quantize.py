@@ -58,6 +58,7 @@ class QuantizeOptions:
     lower_vq: bool = False
     tokenizer: str | None = None
     kmeans_iters: int = 25
+    ranking: str = "proxy"  # ablations: variance | range | mse
     progress: bool = True
 
     def validate(self) -> None:
@@ -91,7 +92,7 @@ class QuantizeResult:
 def compute_passes(opts: QuantizeOptions) -> tuple:
     """Passes that compute payloads (graph unchanged)."""
     passes = [SelectMethods(opts.method, opts.bpw, opts.sq_config(), opts.vq_config(), opts.tau_c, opts.tau_f,
-                            progress=opts.progress)]
+                            progress=opts.progress, ranking=opts.ranking)]
     if not opts.sequential:
         passes.append(QuantizeWeights(progress=opts.progress))
     if opts.use_elementwise():

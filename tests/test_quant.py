@@ -217,3 +217,13 @@ def test_configs_validate_and_round_trip_json():
         GPTQConfig.from_dict({"bits": 3, "groupsize": 64})
     with pytest.raises(ConfigError):
         kmeans_vq_quantize(gaussian(8, 30), None, VQConfig(dim=4))
+
+
+def test_budget_selector_follows_an_alternative_ranking_for_ablations():
+    rng = np.random.default_rng(2)
+    tensors = [TensorInfo(f"w{i}", (768, 768), proxies(rng.standard_normal((64, 64)) * (1 + i))) for i in range(6)]
+    sq, vq = ScalarConfig(bits=3, group_size=64, symmetric=True), VQConfig(bits=3, dim=2)
+    order = {f"w{i}": float(i) for i in range(6)}  # w5 most deserving of VQ
+    plan = plan_for_budget(tensors, 3.26, sq, vq, tau_c=1e9, tau_f=1e300, ranking=order)
+    chosen = sorted(int(e.name[1:]) for e in plan.entries if e.method == "vq")
+    assert chosen and chosen == list(range(6 - len(chosen), 6))

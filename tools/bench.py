@@ -2,8 +2,9 @@
 """Decode / prefill speed and peak memory of exported models, as ratios to fp32 measured in one run.
 
 Creates a seeded synthetic RWKV-7 of a named shape (no download), exports the
-variants (fp32, fp16), then measures each in its own process so peak RSS is
-that variant's alone:
+variants (fp32, fp16, and quantized ones: rwkvquant at 3.275 bpw with the
+rwkvq ops, gptq4 as 4-bit MatMulNBits), then measures each in its own process
+so peak RSS is that variant's alone:
 
 - decode tokens/s: batch 1, step graph, after warm-up, median of --runs;
 - prefill tokens/s at each --prefill length (sequence graph, median);
@@ -81,6 +82,12 @@ def measure(model: str, decode_tokens: int, prefill: list[int], runs: int, threa
     }
 
 
+QUANTIZED = {  # variant -> quantize options (calibrated on the package's built-in sample text)
+    "rwkvquant": dict(method="rwkvquant", bpw=3.275, sq_format="matmulnbits"),
+    "gptq4": dict(method="gptq", wbits=4, group_size=64, sq_format="matmulnbits"),
+}
+
+
 def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -> dict[str, Path]:
     from rwkvq_onnx.export import export
     from rwkvq_onnx.synthetic import synthetic_rwkv7, synthetic_rwkv7_config
@@ -89,12 +96,27 @@ def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -
     config = synthetic_rwkv7_config(n_layer, n_embd, vocab)
     sd = None
     paths = {}
-    for v in variants:
+    for v in [v for v in variants if v not in QUANTIZED]:
         path = workdir / f"{shape}-{v}.onnx"
         if not path.exists():
             sd = sd if sd is not None else synthetic_rwkv7(config, seed)
             print(f"exporting {path} ...", file=sys.stderr)
             export(config, sd, path, mode="both", fp16=(v == "fp16"))
+        paths[v] = path
+    for v in [v for v in variants if v in QUANTIZED]:
+        path = workdir / f"{shape}-{v}.onnx"
+        if not path.exists():
+            from rwkvq_onnx.demo import sample_text
+            from rwkvq_onnx.quantize import QuantizeOptions, quantize_model
+
+            calib = workdir / "calib.txt"
+            calib.write_text(sample_text() * 20)
+            opts = QuantizeOptions(calib=str(calib), nsamples=8, seqlen=128, seed=seed, **QUANTIZED[v])
+            print(f"quantizing {path} ...", file=sys.stderr)
+            t0 = time.perf_counter()
+            quantize_model(paths["fp32"], path, opts, workdir / f"{shape}-{v}.json",
+                           log=lambda *a: print(*a, file=sys.stderr))
+            print(f"  quantize took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         paths[v] = path
     return paths
 
@@ -102,7 +124,8 @@ def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=SHAPES, default="0.1b")
-    ap.add_argument("--variants", default="fp32,fp16", help="comma-separated: fp32, fp16")
+    ap.add_argument("--variants", default="fp32,fp16,rwkvquant,gptq4",
+                    help="comma-separated: fp32, fp16, rwkvquant, gptq4")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--prefill", default="128,512", help="comma-separated prefill lengths")
     ap.add_argument("--runs", type=int, default=3)

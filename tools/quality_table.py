@@ -40,6 +40,9 @@ ABLATIONS = [
     ("RWKVQuant, no element-wise codebooks", "rwkvquant", 3.275, 3, {"elementwise": False}),
     ("RWKVQuant, coarse proxy only", "rwkvquant", 3.275, 3, {"tau_f": 1e300}),
     ("RWKVQuant, fine proxy only", "rwkvquant", 3.275, 3, {"tau_c": 1e300}),
+    ("RWKVQuant, variance ranking", "rwkvquant", 3.275, 3, {"ranking": "variance"}),
+    ("RWKVQuant, range ranking", "rwkvquant", 3.275, 3, {"ranking": "range"}),
+    ("RWKVQuant, MSE-based choice", "rwkvquant", 3.275, 3, {"ranking": "mse"}),
 ]
 
 
@@ -104,7 +107,7 @@ def main() -> None:
             keep = set(args.only.split(","))
             todo = [r for r in todo if r[1] in keep]
         for label, method, bpw, wbits, extra in todo:
-            name = f"{method}-{bpw}{'-' + '-'.join(extra) if extra else ''}"
+            name = f"{method}-{bpw}" + "".join(f"-{k}-{v}" for k, v in extra.items())
             out = args.out / f"{name}.onnx"
             opts = QuantizeOptions(method=method, bpw=bpw, wbits=wbits, calib=str(args.calib),
                                    nsamples=args.nsamples, seqlen=args.seqlen, lower_vq=not args.custom_ops,

@@ -84,13 +84,18 @@ def plan_fixed(tensors: list[TensorInfo], sq: ScalarConfig, vq: VQConfig, tau_c:
 
 def plan_for_budget(tensors: list[TensorInfo], target: float, sq: ScalarConfig, vq: VQConfig,
                     tau_c: float = TAU_C, tau_f: float = TAU_F, tol: float = 0.002,
-                    max_group_rows: int = 4096) -> Plan:
-    """Choose SQ or VQ per tensor (and VQ codebook block heights) so the mean bpw meets `target`."""
+                    max_group_rows: int = 4096, ranking: dict[str, float] | None = None) -> Plan:
+    """Choose SQ or VQ per tensor (and VQ codebook block heights) so the mean bpw meets `target`.
+
+    `ranking` (higher = more deserving of VQ) replaces the proxy's order for ablations; how many tensors
+    go to VQ still prefers the proxy's fixed-threshold count, so only *which* tensors changes.
+    """
     if not tensors:
         raise BudgetError("no tensors to quantize")
     scores = {t.name: proxy_score(t.proxy, tau_c, tau_f) for t in tensors}
-    ranked = sorted((t for t in tensors if vq_eligible(t, vq)), key=lambda t: -scores[t.name])
-    k0 = sum(scores[t.name] >= 1 for t in ranked)
+    k0 = sum(scores[t.name] >= 1 for t in tensors if vq_eligible(t, vq))
+    order = ranking if ranking is not None else scores
+    ranked = sorted((t for t in tensors if vq_eligible(t, vq)), key=lambda t: -order[t.name])
     n_total = sum(t.numel for t in tensors)
     target_bits = target * n_total
     sq_bits = {t.name: _bits(t, "sq", sq, vq) for t in tensors}
