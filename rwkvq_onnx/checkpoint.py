@@ -47,9 +47,9 @@ class ModelConfig:
         return sum(int(np.prod(s)) for s in expected_shapes(self).values())
 
 
-def _key_shapes_x070(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    C, H, N, F = c.n_embd, c.n_head, c.head_size, c.ffn_dim
-    lw, la, lv, lg = (c.lora[k] for k in ("w", "a", "v", "g"))
+def _shared_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Keys both versions have: embedding, ln0, ln_out, head and every block's ln1/ln2."""
+    C = c.n_embd
     shapes: dict[str, tuple[int, ...]] = {
         "emb.weight": (c.vocab_size, C),
         "blocks.0.ln0.weight": (C,),
@@ -59,11 +59,19 @@ def _key_shapes_x070(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "head.weight": (c.vocab_size, C),
     }
     for i in range(c.n_layer):
+        for n in ("ln1", "ln2"):
+            shapes[f"blocks.{i}.{n}.weight"] = (C,)
+            shapes[f"blocks.{i}.{n}.bias"] = (C,)
+    return shapes
+
+
+def _key_shapes_x070(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    C, H, N, F = c.n_embd, c.n_head, c.head_size, c.ffn_dim
+    lw, la, lv, lg = (c.lora[k] for k in ("w", "a", "v", "g"))
+    shapes = _shared_shapes(c)
+    for i in range(c.n_layer):
         b = f"blocks.{i}."
         a = b + "att."
-        for n in ("ln1", "ln2"):
-            shapes[b + n + ".weight"] = (C,)
-            shapes[b + n + ".bias"] = (C,)
         for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
             shapes[a + n] = (1, 1, C)
         shapes[a + "w1"], shapes[a + "w2"] = (C, lw), (lw, C)
@@ -86,20 +94,10 @@ def _key_shapes_x070(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _key_shapes_x060(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     C, H, N, F = c.n_embd, c.n_head, c.head_size, c.ffn_dim
     lm, ld = c.lora["maa"], c.lora["decay"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "emb.weight": (c.vocab_size, C),
-        "blocks.0.ln0.weight": (C,),
-        "blocks.0.ln0.bias": (C,),
-        "ln_out.weight": (C,),
-        "ln_out.bias": (C,),
-        "head.weight": (c.vocab_size, C),
-    }
+    shapes = _shared_shapes(c)
     for i in range(c.n_layer):
         b = f"blocks.{i}."
         a = b + "att."
-        for n in ("ln1", "ln2"):
-            shapes[b + n + ".weight"] = (C,)
-            shapes[b + n + ".bias"] = (C,)
         for n in ("x", "w", "k", "v", "r", "g"):
             shapes[a + "time_maa_" + n] = (1, 1, C)
         shapes[a + "time_maa_w1"] = (C, 5 * lm)
