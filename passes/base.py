@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from rwkvq_onnx.calibration import CalibrationStats, ElementwiseTarget, LinearTarget
 from rwkvq_onnx.quant import ElementwiseQuantized, PlanEntry, ScalarQuantized, VectorQuantized
@@ -38,3 +39,10 @@ class QuantState:
     input_scales: dict[str, np.ndarray] = field(default_factory=dict)  # AWQ: divide the MatMul input by these
     elementwise_payloads: dict[str, ElementwiseQuantized] = field(default_factory=dict)
     report: dict[str, dict] = field(default_factory=dict)
+
+
+def weight_matmul(node: onnx.NodeProto, weights) -> str | None:
+    """The weight of a `MatMul(x, W)` node when W is one of `weights` (the nodes rewrite passes replace)."""
+    if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in weights:
+        return node.input[1]
+    return None

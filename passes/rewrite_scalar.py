@@ -22,7 +22,7 @@ from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.graph import ensure_opset, get_initializer
 from rwkvq_onnx.quant import ScalarQuantized
 
-from .base import PassResult, QuantState
+from .base import PassResult, QuantState, weight_matmul
 
 FORMATS = ("qdq", "matmulnbits")
 
@@ -97,8 +97,8 @@ class RewriteScalar:
         inits = {t.name: t for t in model.graph.initializer}
         new_nodes = []
         for node in model.graph.node:
-            w = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
-            if w not in targets or w not in inits:
+            w = weight_matmul(node, targets)
+            if w is None or w not in inits:
                 new_nodes.append(node)
                 continue
             q = targets[w]

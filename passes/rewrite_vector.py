@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -19,7 +18,7 @@ from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.graph import ensure_opset
 from rwkvq_onnx.quant import VectorQuantized
 
-from .base import PassResult, QuantState
+from .base import PassResult, QuantState, weight_matmul
 
 
 @dataclass
@@ -32,8 +31,8 @@ class RewriteVector:
         inits = {t.name: t for t in model.graph.initializer}
         new_nodes = []
         for node in model.graph.node:
-            w = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
-            if w not in targets or w not in inits:
+            w = weight_matmul(node, targets)
+            if w is None or w not in inits:
                 new_nodes.append(node)
                 continue
             q = targets[w]

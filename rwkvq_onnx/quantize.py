@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from .atomic import check_writable
 from .calibration import calibration_windows, collect_statistics, find_targets, CalibrationStats
-from .errors import CalibrationError, ConfigError
+from .errors import ConfigError
 from .export import read_config, save_model, step_path
 from .passes.base import PassResult, QuantState
 from .passes.cleanup import Cleanup

@@ -99,7 +99,7 @@ class VQConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         _check(self.dim in (1, 2, 4), f"dim must be 1, 2 or 4, got {self.dim}")
-        _check(1 <= self.bits * self.dim <= 12, f"bits*dim must be 1..12 (codebook of at most 4096 entries)")
+        _check(1 <= self.bits * self.dim <= 12, "bits*dim must be 1..12 (codebook of at most 4096 entries)")
         _check(self.group_rows >= 1 and self.group_cols >= self.dim and self.group_cols % self.dim == 0,
                "group_cols must be a multiple of dim and group_rows >= 1")
         _check(self.codebook_bits in (4, 8, 16), "codebook_bits must be 4, 8 or 16")

@@ -165,7 +165,7 @@ class ElementwiseQuantized:
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> "ElementwiseQuantized":
         meta = [int(x) for x in a["meta"]]
-        bits, ndim, shape = meta[1], meta[2], tuple(meta[3:3 + meta[2]])
+        bits, shape = meta[1], tuple(meta[3:3 + meta[2]])
         return cls(unpack_bits(a["codes"], bits, int(np.prod(shape))), a["codebook"].astype(np.float16), shape, bits)
 
 
