@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="end to end on a built-in synthetic RWKV-7 (no download)",
                        description="Create a seeded RWKV-7, export it, check it against the reference model, "
-                                   "evaluate it and generate from it.")
+                                   "evaluate it, generate from it, then quantize it with RWKVQuant and evaluate "
+                                   "the quantized model.")
     d.add_argument("--out", default="rwkvq-demo", help="folder for the demo's files (default: ./rwkvq-demo)")
     d.add_argument("--layers", type=int, default=4)
     d.add_argument("--embd", type=int, default=128)

@@ -145,7 +145,8 @@ def test_readme_demo_command_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rwkvq_onnx.cli", "demo", "--out", str(tmp_path / "demo")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "[5/5] generate" in out.stdout and "tokens/s" in out.stdout
+    assert "[5/6] generate" in out.stdout and "tokens/s" in out.stdout
+    assert "[6/6] quantized with RWKVQuant to 3.27" in out.stdout
     err_line = [l for l in out.stdout.splitlines() if "max |logit difference|" in l][0]
     assert float(err_line.split("difference| ")[1].split()[0]) < 1e-4
     assert (tmp_path / "demo" / "synthetic-rwkv7.step.onnx").is_file()
