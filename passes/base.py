@@ -18,6 +18,9 @@ class PassResult:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
     def line(self) -> str:
         parts = [f"{k} {v}" for k, v in self.counts.items()]
         if self.skipped:
@@ -46,3 +49,14 @@ def weight_matmul(node: onnx.NodeProto, weights) -> str | None:
     if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in weights:
         return node.input[1]
     return None
+
+
+def rewrite_weight_matmuls(model: onnx.ModelProto, weights, replace) -> None:
+    """Swap every `MatMul(x, W)` whose W is in `weights` (and an initializer) for the nodes `replace(node, W)` returns."""
+    inits = {t.name for t in model.graph.initializer}
+    new_nodes = []
+    for node in model.graph.node:
+        w = weight_matmul(node, weights)
+        new_nodes.extend(replace(node, w) if w is not None and w in inits else [node])
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)

@@ -71,7 +71,7 @@ class LowerVQ:
             else:
                 nodes.append(node)
                 continue
-            result.counts[node.op_type] = result.counts.get(node.op_type, 0) + 1
+            result.count(node.op_type)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         remove_unused(model)

@@ -33,5 +33,5 @@ class QuantizeElementwise:
                                                                 / max(np.linalg.norm(v), 1e-30)),
                                       "rel_output_error": float(err / max(ref, 1e-30)),
                                       "config": self.config.to_json()}
-            result.counts["vectors"] = result.counts.get("vectors", 0) + 1
+            result.count("vectors")
         return result

@@ -50,5 +50,5 @@ class QuantizeWeights:
             state.report[name].update(method=alg, kind=entry.method, bits=entry.config.bits, bpw=bpw(out),
                                       proxy_score=entry.score, rel_weight_error=rel_w, rel_output_error=rel_out,
                                       config=entry.config.to_json())
-            result.counts[alg] = result.counts.get(alg, 0) + 1
+            result.count(alg)
         return result

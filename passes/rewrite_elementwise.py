@@ -35,7 +35,7 @@ class RewriteElementwise:
             direct = len(users.get(name, [])) == 1 and len(muls) == 1
             if self.fold or not direct or inits[name].data_type != TensorProto.FLOAT:
                 set_initializer(model, name, q.dequantize().reshape(orig.shape).astype(orig.dtype))
-                result.counts["folded"] = result.counts.get("folded", 0) + 1
+                result.count("folded")
                 continue
             mul = muls[0]
             arrays, attrs = ops.vq_elementwise_inputs(q)
@@ -45,7 +45,7 @@ class RewriteElementwise:
             replace[id(mul)] = helper.make_node(
                 "VQElementwise", [x, *names], list(mul.output), name=mul.name, domain=ops.DOMAIN,
                 index_bits=attrs["index_bits"], shape=",".join(str(s) for s in orig.shape))
-            result.counts["vq_elementwise"] = result.counts.get("vq_elementwise", 0) + 1
+            result.count("vq_elementwise")
         if replace:
             nodes = [replace.get(id(n), n) for n in model.graph.node]
             del model.graph.node[:]

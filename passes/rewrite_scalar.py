@@ -22,7 +22,7 @@ from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.graph import ensure_opset, get_initializer
 from rwkvq_onnx.quant import ScalarQuantized
 
-from .base import PassResult, QuantState, weight_matmul
+from .base import PassResult, QuantState, rewrite_weight_matmuls
 
 FORMATS = ("qdq", "matmulnbits")
 
@@ -95,41 +95,39 @@ class RewriteScalar:
         result = PassResult(self.name)
         targets = {n: q for n, q in state.payloads.items() if isinstance(q, ScalarQuantized)}
         inits = {t.name: t for t in model.graph.initializer}
-        new_nodes = []
-        for node in model.graph.node:
-            w = weight_matmul(node, targets)
-            if w is None or w not in inits:
-                new_nodes.append(node)
-                continue
+
+        def replace(node: onnx.NodeProto, w: str) -> list[onnx.NodeProto]:
             q = targets[w]
             dtype = numpy_helper.to_array(inits[w]).dtype
             x = node.input[0]
+            nodes = []
             if w in state.input_scales:
                 inv = numpy_helper.from_array((1.0 / state.input_scales[w]).astype(dtype), w + "_awq_inv_scale")
                 model.graph.initializer.append(inv)
-                new_nodes.append(helper.make_node("Mul", [x, inv.name], [w + "_awq_in"], name=w + "_awq_mul"))
+                nodes.append(helper.make_node("Mul", [x, inv.name], [w + "_awq_in"], name=w + "_awq_mul"))
                 x = w + "_awq_in"
             pow2 = q.group_size >= 16 and q.group_size & (q.group_size - 1) == 0
             if self.format == "matmulnbits" and pow2:
                 tensors = matmulnbits_initializers(q, w, dtype)
                 n, k = q.shape
-                new_nodes.append(helper.make_node(
+                nodes.append(helper.make_node(
                     "MatMulNBits", [x, *(t.name for t in tensors)], list(node.output), name=node.name,
                     domain="com.microsoft", K=k, N=n, bits=8 if q.bits == 8 else 4, block_size=q.group_size,
                     accuracy_level=0))
-                result.counts["matmulnbits"] = result.counts.get("matmulnbits", 0) + 1
+                result.count("matmulnbits")
             else:
                 if self.format == "matmulnbits":
                     result.skipped[w] = f"group size {q.group_size} is not a power of two >= 16: QDQ instead"
                 tensors = qdq_initializers(q, w, dtype)
                 dq_out = w + "_dq"
-                new_nodes.append(helper.make_node("DequantizeLinear", [t.name for t in tensors], [dq_out],
-                                                  name=w + "_dequantize", axis=0, block_size=q.group_size))
-                new_nodes.append(helper.make_node("MatMul", [x, dq_out], list(node.output), name=node.name))
-                result.counts["qdq"] = result.counts.get("qdq", 0) + 1
+                nodes.append(helper.make_node("DequantizeLinear", [t.name for t in tensors], [dq_out],
+                                              name=w + "_dequantize", axis=0, block_size=q.group_size))
+                nodes.append(helper.make_node("MatMul", [x, dq_out], list(node.output), name=node.name))
+                result.count("qdq")
             model.graph.initializer.extend(tensors)
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
+            return nodes
+
+        rewrite_weight_matmuls(model, targets, replace)
         if result.counts.get("matmulnbits"):
             ensure_opset(model, "com.microsoft", 1)
         return result

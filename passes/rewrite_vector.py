@@ -18,7 +18,7 @@ from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.graph import ensure_opset
 from rwkvq_onnx.quant import VectorQuantized
 
-from .base import PassResult, QuantState, weight_matmul
+from .base import PassResult, QuantState, rewrite_weight_matmuls
 
 
 @dataclass
@@ -29,12 +29,8 @@ class RewriteVector:
         result = PassResult(self.name)
         targets = {n: q for n, q in state.payloads.items() if isinstance(q, VectorQuantized)}
         inits = {t.name: t for t in model.graph.initializer}
-        new_nodes = []
-        for node in model.graph.node:
-            w = weight_matmul(node, targets)
-            if w is None or w not in inits:
-                new_nodes.append(node)
-                continue
+
+        def replace(node: onnx.NodeProto, w: str) -> list[onnx.NodeProto]:
             q = targets[w]
             if q.codebook_bits > 8:
                 raise ConfigError(f"{w}: rwkvq.VQMatMul stores 8-bit codebooks, got {q.codebook_bits}-bit")
@@ -43,16 +39,17 @@ class RewriteVector:
             model.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(arrays.values(), names))
             fp16 = inits[w].data_type == TensorProto.FLOAT16
             x, y = node.input[0], node.output[0]
+            nodes = []
             if fp16:
-                new_nodes.append(helper.make_node("Cast", [x], [w + "_x32"], to=TensorProto.FLOAT))
+                nodes.append(helper.make_node("Cast", [x], [w + "_x32"], to=TensorProto.FLOAT))
                 x, y = w + "_x32", w + "_y32"
-            new_nodes.append(helper.make_node("VQMatMul", [x, *names], [y], name=node.name, domain=ops.DOMAIN,
-                                              **attrs))
+            nodes.append(helper.make_node("VQMatMul", [x, *names], [y], name=node.name, domain=ops.DOMAIN, **attrs))
             if fp16:
-                new_nodes.append(helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.FLOAT16))
-            result.counts["vq_matmul"] = result.counts.get("vq_matmul", 0) + 1
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
+                nodes.append(helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.FLOAT16))
+            result.count("vq_matmul")
+            return nodes
+
+        rewrite_weight_matmuls(model, targets, replace)
         if result.counts:
             ensure_opset(model, ops.DOMAIN, ops.OPSET_VERSION)
         return result
