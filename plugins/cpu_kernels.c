@@ -1,6 +1,7 @@
 /* CPU kernels for rwkvq.VQMatMul (see rwkvq_onnx/ops.py for the semantics and the numpy reference).
  *
- * Loaded with ctypes by rwkvq_onnx.cpu_kernels; built by the package install (setuptools extension,
+ * Called by the onnxruntime op library (ort_ops.c) and, through ctypes, by rwkvq_onnx.cpu_kernels; built by the
+ * package install (setuptools extension,
  * -O3 -march=native -fopenmp). Decode is memory-bound in theory, table-lookup-bound in practice: each
  * thread decodes its row block's codebooks (scale folded in) into a small float table that stays in L1,
  * then streams each row's packed codes eight at a time through table lookups.
@@ -14,6 +15,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#include "rwkvq_cpu.h"
 
 static void unpack_row(const uint8_t* row, int n, int bits, int32_t* out) {
     uint64_t buf = 0;
@@ -123,39 +129,150 @@ int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, co
     return failed ? -1 : 0;
 }
 
-/* W[N, K] (float) from the payload: the prefill path decodes once, then runs a dense GEMM. */
+/* Rows [n0, n1) of W into out [(n1 - n0), K]; table holds C codebooks, idx n_codes ints (caller's scratch). */
+static void decode_rows(const uint8_t* codes, int row_bytes, const int8_t* books, const float* scales, int n0, int n1,
+                        int K, int dim, int group_rows, int group_cols, int bits, float* table, int* cur,
+                        int32_t* idx, float* out) {
+    const int C = (K + group_cols - 1) / group_cols;
+    const int per_book = (1 << bits) * dim;
+    const int n_codes = K / dim;
+    for (int n = n0; n < n1; ++n) {
+        const int rb = n / group_rows;
+        if (rb != *cur) {
+            decode_table(books, scales, rb, C, per_book, table);
+            *cur = rb;
+        }
+        unpack_row(codes + (size_t)n * row_bytes, n_codes, bits, idx);
+        float* o = out + (size_t)(n - n0) * K;
+        for (int j = 0; j < n_codes; ++j) {
+            const float* e = table + (size_t)((j * dim) / group_cols) * per_book + idx[j] * dim;
+            for (int t = 0; t < dim; ++t) o[j * dim + t] = e[t];
+        }
+    }
+}
+
+/* W[N, K] (float) from the payload. */
 int rwkvq_vq_decode(const uint8_t* codes, int row_bytes, const int8_t* books, const float* scales, float* w, int N,
                     int K, int dim, int group_rows, int group_cols, int bits) {
     const int C = (K + group_cols - 1) / group_cols;
     const int per_book = (1 << bits) * dim;
-    const int n_codes = K / dim;
     int failed = 0;
 #pragma omp parallel if ((long long)N * K >= 262144)
     {
         float* table = (float*)malloc(sizeof(float) * (size_t)C * per_book);
-        int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)n_codes);
+        int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(K / dim));
         int cur = -1;
         if (!table || !idx) {
 #pragma omp atomic write
             failed = 1;
         } else {
 #pragma omp for schedule(static)
-            for (int n = 0; n < N; ++n) {
-                const int rb = n / group_rows;
-                if (rb != cur) {
-                    decode_table(books, scales, rb, C, per_book, table);
-                    cur = rb;
-                }
-                unpack_row(codes + (size_t)n * row_bytes, n_codes, bits, idx);
-                float* out = w + (size_t)n * K;
-                for (int j = 0; j < n_codes; ++j) {
-                    const float* e = table + (size_t)((j * dim) / group_cols) * per_book + idx[j] * dim;
-                    for (int t = 0; t < dim; ++t) out[j * dim + t] = e[t];
-                }
-            }
+            for (int n = 0; n < N; ++n)
+                decode_rows(codes, row_bytes, books, scales, n, n + 1, K, dim, group_rows, group_cols, bits, table,
+                            &cur, idx, w + (size_t)n * K);
         }
         free(table);
         free(idx);
     }
     return failed ? -1 : 0;
+}
+
+enum { GEMM_TILE = 8 }; /* W rows decoded at a time: 8 x K floats stay in L1/L2 while every x row passes */
+
+/* y[m, 0..rows) = x[m] . w[r] for one tile of decoded rows, all M activation rows. */
+static void tile_dot(const float* x, int M, int K, const float* w, int rows, float* y, int ldy) {
+    for (int m = 0; m < M; ++m) {
+        const float* xm = x + (size_t)m * K;
+        int r = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        for (; r + 4 <= rows; r += 4) {
+            const float* w0 = w + (size_t)r * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+                   a3 = _mm256_setzero_ps();
+            int k = 0;
+            for (; k + 8 <= K; k += 8) {
+                const __m256 xv = _mm256_loadu_ps(xm + k);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + K + k), xv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + 2 * (size_t)K + k), xv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + 3 * (size_t)K + k), xv, a3);
+            }
+            /* horizontal sums of the four accumulators at once */
+            const __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
+            const __m256 s = _mm256_hadd_ps(s01, s23);
+            __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            float out[4];
+            _mm_storeu_ps(out, t);
+            for (; k < K; ++k)
+                for (int i = 0; i < 4; ++i) out[i] += w0[(size_t)i * K + k] * xm[k];
+            for (int i = 0; i < 4; ++i) y[(size_t)m * ldy + r + i] = out[i];
+        }
+#endif
+        for (; r < rows; ++r) {
+            const float* wr = w + (size_t)r * K;
+            float acc = 0.f;
+            for (int k = 0; k < K; ++k) acc += wr[k] * xm[k];
+            y[(size_t)m * ldy + r] = acc;
+        }
+    }
+}
+
+/* y[M, N] = x[M, K] @ W^T for many activation rows (prefill): each thread decodes a tile of W rows into a small
+ * buffer and multiplies every activation row by it, so W is decoded once per call and never held in full. */
+int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+    const int C = (K + group_cols - 1) / group_cols;
+    const int per_book = (1 << bits) * dim;
+    const int tiles = (N + GEMM_TILE - 1) / GEMM_TILE;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float* table = (float*)malloc(sizeof(float) * (size_t)C * per_book);
+        int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(K / dim));
+        float* w = (float*)malloc(sizeof(float) * (size_t)GEMM_TILE * K);
+        int cur = -1;
+        if (!table || !idx || !w) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int t = 0; t < tiles; ++t) {
+                const int n0 = t * GEMM_TILE, n1 = n0 + GEMM_TILE < N ? n0 + GEMM_TILE : N;
+                decode_rows(codes, row_bytes, books, scales, n0, n1, K, dim, group_rows, group_cols, bits, table,
+                            &cur, idx, w);
+                tile_dot(x, M, K, w, n1 - n0, y + n0, N);
+            }
+        }
+        free(table);
+        free(idx);
+        free(w);
+    }
+    return failed ? -1 : 0;
+}
+
+int rwkvq_vq_matmul(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                    const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+    if (M <= RWKVQ_GEMV_MAX_ROWS)
+        return rwkvq_vq_gemv(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits);
+    return rwkvq_vq_gemm(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits);
+}
+
+void rwkvq_decode_vector(const uint8_t* codes, int bits, const float* book, float* v, int64_t n) {
+    uint64_t buf = 0;
+    int have = 0;
+    const uint32_t mask = (1u << bits) - 1u;
+    for (int64_t j = 0; j < n; ++j) {
+        while (have < bits) {
+            buf |= (uint64_t)(*codes++) << have;
+            have += 8;
+        }
+        v[j] = book[buf & mask];
+        buf >>= bits;
+        have -= bits;
+    }
+}
+
+void rwkvq_scale_rows(const float* x, const float* v, float* y, int64_t total, int64_t n) {
+    for (int64_t i0 = 0; i0 < total; i0 += n)
+        for (int64_t i = 0; i < n && i0 + i < total; ++i) y[i0 + i] = x[i0 + i] * v[i];
 }

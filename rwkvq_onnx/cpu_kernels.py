@@ -1,8 +1,9 @@
 """The compiled CPU kernels of `plugins/cpu_kernels.c`, through ctypes, with the numpy reference as fallback.
 
-`vq_matmul` is what the onnxruntime `rwkvq.VQMatMul` op runs: a threaded,
-AVX2 table-lookup GEMV for decode (few activation rows) and, for prefill,
-one decode of the weight followed by a BLAS GEMM.
+The same library is the onnxruntime custom-op library of the `rwkvq` ops
+(`library_path`); `vq_matmul` here runs its kernels directly: a threaded
+table-lookup GEMV for decode (few activation rows) and, for prefill, a
+GEMM that decodes a small tile of weight rows at a time.
 """
 from __future__ import annotations
 
@@ -14,22 +15,33 @@ import numpy as np
 
 from . import ops
 
-GEMV_MAX_ROWS = 8  # above this many activation rows, decode W once and use BLAS
+GEMV_MAX_ROWS = 8  # RWKVQ_GEMV_MAX_ROWS in plugins/rwkvq_cpu.h: above it the tiled GEMM runs
+
+
+def library_path() -> Path | None:
+    """The built kernel / custom-op library, or None when the package was installed without it."""
+    from . import plugins
+
+    found = sorted(Path(plugins.__file__).parent.glob("_cpu_kernels*.so"))
+    return found[0] if found else None
 
 
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
-    """The built kernel library, or None when the package was installed without it."""
-    from . import plugins
-
-    for path in sorted(Path(plugins.__file__).parent.glob("_cpu_kernels*.so")):
-        lib = ctypes.CDLL(str(path))
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.rwkvq_vq_gemv.argtypes = [p, i, p, i, p, p, p, i, i, i, i, i, i]
-        lib.rwkvq_vq_decode.argtypes = [p, i, p, p, p, i, i, i, i, i, i]
-        lib.rwkvq_vq_gemv.restype = lib.rwkvq_vq_decode.restype = ctypes.c_int
-        return lib
-    return None
+    """The kernel library loaded with ctypes, or None when the package was installed without it."""
+    path = library_path()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for fn in (lib.rwkvq_vq_gemv, lib.rwkvq_vq_gemm, lib.rwkvq_vq_matmul):
+        fn.argtypes = [p, i, p, i, p, p, p, i, i, i, i, i, i]
+        fn.restype = ctypes.c_int
+    lib.rwkvq_vq_decode.argtypes = [p, i, p, p, p, i, i, i, i, i, i]
+    lib.rwkvq_vq_decode.restype = ctypes.c_int
+    lib.rwkvq_ort_version.restype = ctypes.c_char_p
+    lib.rwkvq_ort_abi_ok.restype = ctypes.c_int
+    return lib
 
 
 def available() -> bool:
@@ -56,20 +68,23 @@ def vq_decode(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, *, N
 
 
 def vq_matmul(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, *, N: int, K: int,
-              dim: int, group_rows: int, group_cols: int, index_bits: int) -> np.ndarray:
-    """y = x @ W^T for a vector-quantized W (same result as `ops.vq_matmul`, float32)."""
-    attrs = dict(N=N, K=K, dim=dim, group_rows=group_rows, group_cols=group_cols, index_bits=index_bits)
+              dim: int, group_rows: int, group_cols: int, index_bits: int, kernel: str = "auto") -> np.ndarray:
+    """y = x @ W^T for a vector-quantized W (same result as `ops.vq_matmul`, float32).
+
+    kernel: "auto" (GEMV up to GEMV_MAX_ROWS activation rows, else GEMM), "gemv" or "gemm" (for tests).
+    """
     lib = library()
     x = np.asarray(x, np.float32)
     lead = x.shape[:-1]
     x2 = np.ascontiguousarray(x.reshape(-1, K))
-    if lib is None or x2.shape[0] > GEMV_MAX_ROWS:
-        y = x2 @ vq_decode(codes, codebooks, scales, **attrs).T
-        return y.reshape(*lead, N)
+    if lib is None:
+        return ops.vq_matmul(x, codes, codebooks, scales, N=N, K=K, dim=dim, group_rows=group_rows,
+                             group_cols=group_cols, index_bits=index_bits).astype(np.float32)
+    fn = {"auto": lib.rwkvq_vq_matmul, "gemv": lib.rwkvq_vq_gemv, "gemm": lib.rwkvq_vq_gemm}[kernel]
     codes, books = np.ascontiguousarray(codes, np.uint8), np.ascontiguousarray(codebooks, np.int8)
     scales = np.ascontiguousarray(scales, np.float32)
     y = np.empty((x2.shape[0], N), np.float32)
-    if lib.rwkvq_vq_gemv(_ptr(x2), x2.shape[0], _ptr(codes), codes.shape[1], _ptr(books), _ptr(scales), _ptr(y),
-                         N, K, dim, group_rows, group_cols, index_bits) != 0:
-        raise MemoryError("rwkvq_vq_gemv: out of memory")
+    if fn(_ptr(x2), x2.shape[0], _ptr(codes), codes.shape[1], _ptr(books), _ptr(scales), _ptr(y),
+          N, K, dim, group_rows, group_cols, index_bits) != 0:
+        raise MemoryError("rwkvq_vq_matmul: out of memory")
     return y.reshape(*lead, N)

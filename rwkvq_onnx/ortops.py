@@ -1,8 +1,10 @@
-"""onnxruntime implementations of the `rwkvq` ops (onnxruntime-extensions Python custom ops).
+"""onnxruntime implementations of the `rwkvq` ops.
 
-`register()` defines them once per process; `session_options()` in
-`runtime` calls it and loads the extensions library, so every session the
-library opens runs quantized graphs exactly like fp ones.
+`register()` returns the custom-op library every session the package opens
+loads (`session_options()` in `runtime`), so quantized graphs run exactly
+like fp ones: the package's native library (`plugins/ort_ops.c`, built by
+the install) when present, else onnxruntime-extensions with the ops defined
+as Python functions (correct, but each call costs a Python round trip).
 """
 from __future__ import annotations
 
@@ -11,7 +13,15 @@ from . import cpu_kernels, ops
 _REGISTERED = False
 
 
-def register() -> str:
+def register(native: bool = True) -> str:
+    """The custom-op library to load into session options (native unless asked not to or not built)."""
+    path = cpu_kernels.library_path() if native else None
+    if path is not None:
+        return str(path)
+    return register_python_ops()
+
+
+def register_python_ops() -> str:
     """Define the rwkvq ops for onnxruntime-extensions; returns the library path to load."""
     global _REGISTERED
     from onnxruntime_extensions import PyCustomOpDef as T

@@ -40,11 +40,72 @@ def test_vq_matmul_kernel_equals_reference(shape, rows):
     packed, books, scales, attrs = _payload(rng, *shape)
     x = rng.standard_normal((rows, shape[1])).astype(np.float32)
     ref = ops.vq_matmul(x, packed, books, scales, **attrs)
-    got = cpu_kernels.vq_matmul(x, packed, books, scales, **attrs)
-    assert got.shape == ref.shape
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    for kernel in ("auto", "gemv", "gemm"):
+        got = cpu_kernels.vq_matmul(x, packed, books, scales, kernel=kernel, **attrs)
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), kernel
     np.testing.assert_array_equal(cpu_kernels.vq_decode(packed, books, scales, **attrs),
                                   ops.vq_weight(packed, books, scales, **attrs))
+
+
+def _rwkvq_model(packed, books, scales, attrs, ev_codes, ev_book, ev_shape):
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("VQMatMul", ["x", "codes", "books", "scales"], ["y"], domain=ops.DOMAIN, **attrs),
+             helper.make_node("VQElementwise", ["x", "ecodes", "ebook"], ["z"], domain=ops.DOMAIN, index_bits=4,
+                              shape=",".join(map(str, ev_shape)))]
+    inits = [numpy_helper.from_array(a, n) for a, n in [(packed, "codes"), (books, "books"), (scales, "scales"),
+                                                        (ev_codes, "ecodes"), (ev_book, "ebook")]]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", "k"])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yz"], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_onnxruntime_ops_equal_reference(native):
+    """The rwkvq ops in real onnxruntime sessions, native library and Python fallback, decode and prefill sizes."""
+    import onnxruntime as ort
+
+    from rwkvq_onnx.ortops import register
+
+    rng = np.random.default_rng(7)
+    packed, books, scales, attrs = _payload(rng, 96, 512, 2, 3, 16, 256)
+    ev = rng.integers(0, 16, size=512)
+    ev_codes, ev_book = ops.pack_rows(ev.reshape(1, -1), 4)[0], rng.standard_normal(16).astype(np.float32)
+    model = _rwkvq_model(packed, books, scales, attrs, ev_codes, ev_book, (1, 1, 512))
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(register(native=native))
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for b, t in [(1, 1), (2, 3), (1, 40)]:
+        x = rng.standard_normal((b, t, 512)).astype(np.float32)
+        y, z = sess.run(None, {"x": x})
+        ref = ops.vq_matmul(x, packed, books, scales, **attrs)
+        assert y.shape == ref.shape
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+        zr = ops.vq_elementwise(x, ev_codes, ev_book, index_bits=4, shape=[1, 1, 512])
+        assert z.shape == zr.shape
+        np.testing.assert_array_equal(z, zr)
+    if native:
+        lib = cpu_kernels.library()
+        assert lib.rwkvq_ort_version().decode() == ort.__version__  # the hand-declared ABI reached onnxruntime
+        assert lib.rwkvq_ort_abi_ok() == 1
+
+
+def test_native_ops_reject_a_bad_input_shape():
+    import onnxruntime as ort
+
+    from rwkvq_onnx.ortops import register
+
+    rng = np.random.default_rng(8)
+    packed, books, scales, attrs = _payload(rng, 32, 64, 2, 3, 16, 64)
+    model = _rwkvq_model(packed, books, scales, attrs, ops.pack_rows(np.zeros((1, 64), int), 4)[0],
+                         np.ones(16, np.float32), (1, 1, 64))
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(register())
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="last dimension is 65, expected K=64|vector dimension 64 does not match the input.s 65"):
+        sess.run(None, {"x": np.zeros((1, 1, 65), np.float32)})
 
 
 def test_report_html_shows_the_decisions(tmp_path, tiny_ckpt):

@@ -1,0 +1,24 @@
+/* The CPU kernels of cpu_kernels.c, shared by the onnxruntime op library (ort_ops.c) and ctypes users. */
+#ifndef RWKVQ_CPU_H
+#define RWKVQ_CPU_H
+#include <stdint.h>
+
+/* at most this many activation rows take the table-lookup GEMV; more take the tiled GEMM */
+#define RWKVQ_GEMV_MAX_ROWS 8
+
+/* y[M, N] = x[M, K] @ W^T for a vector-quantized W (table-lookup GEMV for few rows, tiled GEMM otherwise).
+ * Returns 0, or -1 when scratch memory cannot be allocated. */
+int rwkvq_vq_matmul(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                    const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
+int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
+int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
+int rwkvq_vq_decode(const uint8_t* codes, int row_bytes, const int8_t* books, const float* scales, float* w, int N,
+                    int K, int dim, int group_rows, int group_cols, int bits);
+/* v[n] = book[index n of the bit stream] */
+void rwkvq_decode_vector(const uint8_t* codes, int bits, const float* book, float* v, int64_t n);
+/* y[i] = x[i] * v[i % n] */
+void rwkvq_scale_rows(const float* x, const float* v, float* y, int64_t total, int64_t n);
+
+#endif
