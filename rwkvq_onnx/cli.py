@@ -86,7 +86,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         seqlen=args.seqlen, seed=args.seed, sequential=args.sequential,
         elementwise={"on": True, "off": False, None: None}[args.elementwise],
         elementwise_bits=args.elementwise_bits, fold_elementwise=args.fold_elementwise, sq_format=args.sq_format,
-        lower_vq=args.lower_vq, tokenizer=args.tokenizer, kmeans_iters=args.kmeans_iters, ranking=args.ranking)
+        lower_vq=args.lower_vq, tokenizer=args.tokenizer, kmeans_iters=args.kmeans_iters, ranking=args.ranking,
+        embedding_bits=args.embedding_bits, head_bits=args.head_bits)
     result = quantize_model(args.model, args.output, opts, args.report)
     t = result.report["totals"]
     for path in result.outputs:
@@ -95,7 +96,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"{t['quantized_tensors']} tensors ({t['quantized_weights'] / 1e6:.2f}M weights): bpw {t['bpw']:.4f}"
           f"{target}, methods {t['methods']}, stored {t['quantized_weights_stored_bits_per_weight']:.3f} "
           f"bits/weight ({t['quantized_weights_ratio_to_fp16']:.3f} x fp16); embedding+head "
-          f"{t['embedding_and_head_bytes'] / 2**20:.1f} MiB kept; {result.report['seconds']:.1f} s")
+          f"{t['embedding_and_head_bytes'] / 2**20:.1f} MiB; {result.report['seconds']:.1f} s")
     if args.report:
         print(f"wrote {args.report}")
 
@@ -225,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sq-format", choices=("qdq", "matmulnbits"), default="qdq",
                    help="scalar weights as DequantizeLinear+MatMul (default) or com.microsoft.MatMulNBits")
     q.add_argument("--lower-vq", action="store_true", help="rewrite rwkvq ops into standard ONNX ops")
+    q.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
+                   help="store the embedding as int8 rows with one scale each (default: full precision)")
+    q.add_argument("--head-bits", type=int, choices=(4, 8), default=None,
+                   help="store the head as MatMulNBits, round to nearest in groups of 64 (default: full "
+                        "precision); at 0.1B the embedding and head are over half the parameters")
     q.add_argument("--kmeans-iters", type=int, default=25)
     q.add_argument("--ranking", choices=("proxy", "variance", "range", "mse"), default="proxy",
                    help="rwkvquant ablations: order weights for VQ by another criterion (needs --bpw)")

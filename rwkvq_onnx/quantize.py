@@ -25,6 +25,7 @@ from .passes.base import PassResult, QuantState
 from .passes.cleanup import Cleanup
 from .passes.lower_vq import LowerVQ
 from .passes.quantize_elementwise import QuantizeElementwise
+from .passes.quantize_embedding_head import QuantizeEmbeddingHead
 from .passes.quantize_weights import QuantizeWeights
 from .passes.rewrite_elementwise import RewriteElementwise
 from .passes.rewrite_scalar import RewriteScalar
@@ -59,6 +60,8 @@ class QuantizeOptions:
     tokenizer: str | None = None
     kmeans_iters: int = 25
     ranking: str = "proxy"  # ablations: variance | range | mse
+    embedding_bits: int | None = None  # 8: int8 embedding rows (kept in full precision when None)
+    head_bits: int | None = None  # 4 or 8: MatMulNBits head (kept in full precision when None)
     progress: bool = True
 
     def validate(self) -> None:
@@ -69,6 +72,10 @@ class QuantizeOptions:
         needs_h = self.method == "rwkvquant" or METHODS[self.method].needs_hessian
         if needs_h and not self.calib:
             raise ConfigError(f"--method {self.method} needs calibration data: pass --calib FILE")
+        if self.embedding_bits not in (None, 8):
+            raise ConfigError(f"--embedding-bits must be 8, got {self.embedding_bits}")
+        if self.head_bits not in (None, 4, 8):
+            raise ConfigError(f"--head-bits must be 4 or 8, got {self.head_bits}")
 
     def use_elementwise(self) -> bool:
         return self.method == "rwkvquant" if self.elementwise is None else self.elementwise
@@ -104,6 +111,8 @@ def compute_passes(opts: QuantizeOptions) -> tuple:
 def rewrite_passes(opts: QuantizeOptions) -> tuple:
     """Passes that write the payloads into a graph (run on the sequence and the step graph alike)."""
     passes = [RewriteScalar(opts.sq_format), RewriteVector(), RewriteElementwise(fold=opts.fold_elementwise)]
+    if opts.embedding_bits or opts.head_bits:
+        passes.append(QuantizeEmbeddingHead(opts.embedding_bits, opts.head_bits))
     if opts.lower_vq:
         passes.append(LowerVQ())
     passes.append(Cleanup())

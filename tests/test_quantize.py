@@ -297,3 +297,61 @@ def test_quantize_errors_are_one_line_and_write_nothing(fixture_export, tmp_path
         main(["quantize", str(fp), "-o", str(out), "--method", "bogus"])
     assert exc.value.code == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_embedding_and_head_pass_is_exact_to_its_payloads():
+    from rwkvq_onnx.passes.quantize_embedding_head import QuantizeEmbeddingHead, int8_rows
+    from rwkvq_onnx.quant import ScalarConfig
+    from rwkvq_onnx.quant.scalar import rtn_quantize
+
+    rng = np.random.default_rng(3)
+    vocab, c = 96, 64
+    emb = rng.standard_normal((vocab, c)).astype(np.float32)
+    head = rng.standard_normal((c, vocab)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb.weight", "ids"], ["e"]),
+             helper.make_node("MatMul", ["e", "head.weight"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 5])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 5, vocab])],
+                              initializer=[numpy_helper.from_array(emb, "emb.weight"),
+                                           numpy_helper.from_array(head, "head.weight")])
+    ids = rng.integers(0, vocab, (1, 5))
+    for head_bits in (4, 8):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        res = QuantizeEmbeddingHead(embedding_bits=8, head_bits=head_bits)(model)
+        assert res.counts == {"embedding": 1, "head": 1}
+        from rwkvq_onnx.passes.cleanup import Cleanup
+
+        Cleanup()(model)
+        assert {t.name for t in model.graph.initializer}.isdisjoint({"emb.weight", "head.weight"})
+        y = ort.InferenceSession(model.SerializeToString(), session_options(),
+                                 providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+        codes, scale = int8_rows(emb)
+        e = (codes.astype(np.float32) * scale)[ids]
+        w = rtn_quantize(head.T, cfg=ScalarConfig(bits=head_bits, group_size=64)).dequantize()
+        np.testing.assert_allclose(y, e @ w.T, atol=2e-5, rtol=1e-5)
+        # and close to the fp product: int8 rows within half a step, the head within its RTN error
+        assert np.abs(e - emb[ids]).max() <= 0.5 * scale.max() + 1e-6
+    with pytest.raises(Exception, match="--head-bits must be 4 or 8"):
+        QuantizeEmbeddingHead(head_bits=3)(helper.make_model(graph))
+
+
+def test_quantized_embedding_and_head_shrink_the_model_and_keep_its_logits(fixture_export, tmp_path):
+    name, fp = fixture_export
+    base, small = tmp_path / "q.onnx", tmp_path / "qs.onnx"
+    r0 = _q(fp, base, method="gptq", wbits=4, sq_format="matmulnbits").report["totals"]
+    r1 = _q(fp, small, method="gptq", wbits=4, sq_format="matmulnbits", embedding_bits=8, head_bits=8).report
+    t1 = r1["totals"]
+    assert t1["embedding_and_head_bytes"] < 0.3 * r0["embedding_and_head_bytes"]  # int8 + scales vs fp32
+    assert t1["file_bytes"] < r0["file_bytes"]
+    assert t1["bpw"] == r0["bpw"]  # the bpw of the linear weights is not changed by this
+    toks = golden_tokens()[None]
+    q0, _ = RwkvSession(base).forward(toks)
+    q1, _ = RwkvSession(small).forward(toks)
+    kl = mean_kl(q0[0], q1[0])
+    assert 0 < kl < 2e-3, kl
+    sess = RwkvSession(small)
+    state, steps = None, []
+    for tok in golden_tokens()[:8]:
+        logits, state = sess.step(np.array([tok]), state)
+        steps.append(logits[0])
+    np.testing.assert_allclose(np.stack(steps), q1[0, :8], atol=1e-4, rtol=0)
