@@ -87,7 +87,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         elementwise={"on": True, "off": False, None: None}[args.elementwise],
         elementwise_bits=args.elementwise_bits, fold_elementwise=args.fold_elementwise, sq_format=args.sq_format,
         lower_vq=args.lower_vq, tokenizer=args.tokenizer, kmeans_iters=args.kmeans_iters, ranking=args.ranking,
-        embedding_bits=args.embedding_bits, head_bits=args.head_bits)
+        embedding_bits=args.embedding_bits, head_bits=args.head_bits,
+        head_accuracy_level=args.head_accuracy_level)
     result = quantize_model(args.model, args.output, opts, args.report)
     t = result.report["totals"]
     for path in result.outputs:
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--head-bits", type=int, choices=(4, 8), default=None,
                    help="store the head as MatMulNBits, round to nearest in groups of 64 (default: full "
                         "precision); at 0.1B the embedding and head are over half the parameters")
+    q.add_argument("--head-accuracy-level", type=int, choices=(0, 4), default=4,
+                   help="MatMulNBits accuracy_level of the head: 4 (default) quantizes its input to int8 per "
+                        "block, onnxruntime's fast CPU path; 0 computes in float (several times slower)")
     q.add_argument("--kmeans-iters", type=int, default=25)
     q.add_argument("--ranking", choices=("proxy", "variance", "range", "mse"), default="proxy",
                    help="rwkvquant ablations: order weights for VQ by another criterion (needs --bpw)")

@@ -62,6 +62,7 @@ class QuantizeOptions:
     ranking: str = "proxy"  # ablations: variance | range | mse
     embedding_bits: int | None = None  # 8: int8 embedding rows (kept in full precision when None)
     head_bits: int | None = None  # 4 or 8: MatMulNBits head (kept in full precision when None)
+    head_accuracy_level: int = 4  # MatMulNBits accuracy_level of the head: 4 int8 activations (fast), 0 float
     progress: bool = True
 
     def validate(self) -> None:
@@ -76,6 +77,8 @@ class QuantizeOptions:
             raise ConfigError(f"--embedding-bits must be 8, got {self.embedding_bits}")
         if self.head_bits not in (None, 4, 8):
             raise ConfigError(f"--head-bits must be 4 or 8, got {self.head_bits}")
+        if self.head_accuracy_level not in (0, 4):
+            raise ConfigError(f"--head-accuracy-level must be 0 or 4, got {self.head_accuracy_level}")
 
     def use_elementwise(self) -> bool:
         return self.method == "rwkvquant" if self.elementwise is None else self.elementwise
@@ -112,7 +115,7 @@ def rewrite_passes(opts: QuantizeOptions) -> tuple:
     """Passes that write the payloads into a graph (run on the sequence and the step graph alike)."""
     passes = [RewriteScalar(opts.sq_format), RewriteVector(), RewriteElementwise(fold=opts.fold_elementwise)]
     if opts.embedding_bits or opts.head_bits:
-        passes.append(QuantizeEmbeddingHead(opts.embedding_bits, opts.head_bits))
+        passes.append(QuantizeEmbeddingHead(opts.embedding_bits, opts.head_bits, opts.head_accuracy_level))
     if opts.lower_vq:
         passes.append(LowerVQ())
     passes.append(Cleanup())

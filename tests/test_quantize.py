@@ -317,7 +317,7 @@ def test_embedding_and_head_pass_is_exact_to_its_payloads():
     ids = rng.integers(0, vocab, (1, 5))
     for head_bits in (4, 8):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-        res = QuantizeEmbeddingHead(embedding_bits=8, head_bits=head_bits)(model)
+        res = QuantizeEmbeddingHead(embedding_bits=8, head_bits=head_bits, head_accuracy_level=0)(model)
         assert res.counts == {"embedding": 1, "head": 1}
         from rwkvq_onnx.passes.cleanup import Cleanup
 
@@ -331,15 +331,26 @@ def test_embedding_and_head_pass_is_exact_to_its_payloads():
         np.testing.assert_allclose(y, e @ w.T, atol=2e-5, rtol=1e-5)
         # and close to the fp product: int8 rows within half a step, the head within its RTN error
         assert np.abs(e - emb[ids]).max() <= 0.5 * scale.max() + 1e-6
+        # accuracy level 4 (int8 activations per block of 64): within a few int8 steps of the exact product
+        fast = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        QuantizeEmbeddingHead(embedding_bits=8, head_bits=head_bits)(fast)
+        y4 = ort.InferenceSession(fast.SerializeToString(), session_options(),
+                                  providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+        assert np.abs(y4 - y).max() <= 0.02 * np.abs(y).max()
     with pytest.raises(Exception, match="--head-bits must be 4 or 8"):
         QuantizeEmbeddingHead(head_bits=3)(helper.make_model(graph))
 
 
-def test_quantized_embedding_and_head_shrink_the_model_and_keep_its_logits(fixture_export, tmp_path):
+# KL(gptq4 || gptq4 + int8 embedding + n-bit head, accuracy level 4) on the golden text; observed 8e-6 / 4e-5
+# (RWKV-7 / RWKV-6) at 8 bits, 1.1e-3 / 3e-4 at 4 bits.
+@pytest.mark.parametrize("head_bits, bound", [(8, 5e-4), (4, 5e-3)])
+def test_quantized_embedding_and_head_shrink_the_model_and_keep_its_logits(fixture_export, tmp_path, head_bits,
+                                                                            bound):
     name, fp = fixture_export
     base, small = tmp_path / "q.onnx", tmp_path / "qs.onnx"
     r0 = _q(fp, base, method="gptq", wbits=4, sq_format="matmulnbits").report["totals"]
-    r1 = _q(fp, small, method="gptq", wbits=4, sq_format="matmulnbits", embedding_bits=8, head_bits=8).report
+    r1 = _q(fp, small, method="gptq", wbits=4, sq_format="matmulnbits", embedding_bits=8,
+            head_bits=head_bits).report
     t1 = r1["totals"]
     assert t1["embedding_and_head_bytes"] < 0.3 * r0["embedding_and_head_bytes"]  # int8 + scales vs fp32
     assert t1["file_bytes"] < r0["file_bytes"]
@@ -348,7 +359,8 @@ def test_quantized_embedding_and_head_shrink_the_model_and_keep_its_logits(fixtu
     q0, _ = RwkvSession(base).forward(toks)
     q1, _ = RwkvSession(small).forward(toks)
     kl = mean_kl(q0[0], q1[0])
-    assert 0 < kl < 2e-3, kl
+    print(name, head_bits, "KL", kl)
+    assert 0 < kl < bound, kl
     sess = RwkvSession(small)
     state, steps = None, []
     for tok in golden_tokens()[:8]:
