@@ -3,13 +3,16 @@
 
 Creates a seeded synthetic RWKV-7 of a named shape (no download), exports the
 variants (fp32, fp16, and quantized ones: rwkvquant at 3.275 bpw with the
-rwkvq ops, gptq4 as 4-bit MatMulNBits), then measures each in its own process
-so peak RSS is that variant's alone:
+rwkvq ops, gptq4 as 4-bit MatMulNBits, and each of those with an int8
+embedding and a 4-bit head: -eh4), then measures each in its own process so
+peak RSS is that variant's alone:
 
 - decode tokens/s: batch 1, step graph, after warm-up, median of --runs;
 - prefill tokens/s at each --prefill length (sequence graph, median);
-- peak RSS of the process after loading and running;
-- bytes on disk.
+- peak RSS of the process after loading and running (both the sequence and
+  the step graph are loaded, each with its own copy of the weights);
+- bytes on disk (both graphs), and the weights of one graph in memory, as a
+  ratio to the fp16 export's.
 
     python tools/bench.py --shape 0.1b --json bench-0.1b.json
 
@@ -87,6 +90,39 @@ QUANTIZED = {  # variant -> quantize options (calibrated on the package's built-
     "rwkvquant": dict(method="rwkvquant", bpw=3.275, sq_format="matmulnbits", fold_elementwise=True),
     "gptq4": dict(method="gptq", wbits=4, group_size=64, sq_format="matmulnbits"),
 }
+# variant -> (variant it is made from, quantize-embedding-head options): the same linear weights, plus an int8
+# embedding and a 4-bit head (what `quantize --embedding-bits 8 --head-bits 4` adds), without quantizing again
+DERIVED = {
+    "rwkvquant-eh4": ("rwkvquant", dict(embedding_bits=8, head_bits=4)),
+    "gptq4-eh4": ("gptq4", dict(embedding_bits=8, head_bits=4)),
+}
+
+
+def derive(source: Path, out: Path, options: dict) -> None:
+    """Apply the embedding/head pass to a quantized model and its step sibling."""
+    import onnx
+
+    from rwkvq_onnx.export import save_model, step_path
+    from rwkvq_onnx.passes.cleanup import Cleanup
+    from rwkvq_onnx.passes.quantize_embedding_head import QuantizeEmbeddingHead
+
+    for src, dst in ((source, out), (step_path(source), step_path(out))):
+        model = onnx.load(src)
+        QuantizeEmbeddingHead(**options)(model)
+        Cleanup()(model)
+        save_model(model, dst)
+
+
+def weight_bytes(model: Path) -> int:
+    """Initializer bytes of one graph (what one copy of the weights costs in memory)."""
+    import onnx
+
+    m = onnx.load(model, load_external_data=False)
+    total = 0
+    for t in m.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+    return total
 
 
 def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -> dict[str, Path]:
@@ -97,15 +133,23 @@ def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -
     config = synthetic_rwkv7_config(n_layer, n_embd, vocab)
     sd = None
     paths = {}
-    for v in [v for v in variants if v not in QUANTIZED]:
+    for v in [v for v in variants if v not in QUANTIZED and v not in DERIVED]:
         path = workdir / f"{shape}-{v}.onnx"
         if not path.exists():
             sd = sd if sd is not None else synthetic_rwkv7(config, seed)
             print(f"exporting {path} ...", file=sys.stderr)
             export(config, sd, path, mode="both", fp16=(v == "fp16"))
         paths[v] = path
-    for v in [v for v in variants if v in QUANTIZED]:
+    for v in [v for v in variants if v in QUANTIZED or v in DERIVED]:
+        if v in DERIVED and DERIVED[v][0] not in paths:
+            raise SystemExit(f"variant {v} needs {DERIVED[v][0]} in --variants")
         path = workdir / f"{shape}-{v}.onnx"
+        if v in DERIVED:
+            if not path.exists():
+                print(f"deriving {path} ...", file=sys.stderr)
+                derive(paths[DERIVED[v][0]], path, DERIVED[v][1])
+            paths[v] = path
+            continue
         if not path.exists():
             from rwkvq_onnx.demo import sample_text
             from rwkvq_onnx.quantize import QuantizeOptions, quantize_model
@@ -125,8 +169,9 @@ def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=SHAPES, default="0.1b")
-    ap.add_argument("--variants", default="fp32,fp16,rwkvquant,gptq4",
-                    help="comma-separated: fp32, fp16, rwkvquant, gptq4")
+    ap.add_argument("--variants", default="fp32,fp16,rwkvquant,rwkvquant-eh4,gptq4,gptq4-eh4",
+                    help="comma-separated: fp32, fp16, rwkvquant, gptq4, and the -eh4 variants of the quantized "
+                         "ones (int8 embedding, 4-bit head)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--prefill", default="128,512", help="comma-separated prefill lengths")
     ap.add_argument("--runs", type=int, default=3)
@@ -154,23 +199,28 @@ def main() -> None:
             cmd += ["--threads", str(args.threads)]
         print(f"measuring {v} ...", file=sys.stderr)
         results[v] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        results[v]["weights_mib"] = weight_bytes(path) / 2**20
     base = results["fp32"]
+    fp16_weights = results["fp16"]["weights_mib"] if "fp16" in results else base["weights_mib"] / 2
     for r in results.values():
         r["decode_vs_fp32"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         r["prefill_vs_fp32"] = {T: s / base["prefill_tokens_per_s"][T] for T, s in r["prefill_tokens_per_s"].items()}
         r["rss_vs_fp32"] = r["peak_rss_mib"] / base["peak_rss_mib"]
         r["disk_vs_fp32"] = r["disk_mib"] / base["disk_mib"]
+        r["weights_vs_fp16"] = r["weights_mib"] / fp16_weights
+        r["rss_vs_fp16_weights"] = r["peak_rss_mib"] / fp16_weights
 
-    header = f"{'variant':8} {'decode tok/s':>13} {'x fp32':>7} " + " ".join(
+    header = f"{'variant':14} {'decode tok/s':>13} {'x fp32':>7} " + " ".join(
         f"{'prefill ' + T:>13} {'x fp32':>7}" for T in base["prefill_tokens_per_s"]) + \
-        f" {'peak RSS MiB':>13} {'x fp32':>7} {'disk MiB':>9} {'x fp32':>7}"
+        f" {'peak RSS MiB':>13} {'x fp32':>7} {'disk MiB':>9} {'x fp32':>7} {'weights MiB':>12} {'x fp16':>7}"
     print(f"shape {args.shape} {SHAPES[args.shape]}, batch 1, median of {args.runs} runs")
     print(header)
     for v, r in results.items():
         pre = " ".join(f"{r['prefill_tokens_per_s'][T]:13.1f} {r['prefill_vs_fp32'][T]:7.2f}"
                        for T in base["prefill_tokens_per_s"])
-        print(f"{v:8} {r['decode_tokens_per_s']:13.1f} {r['decode_vs_fp32']:7.2f} {pre} "
-              f"{r['peak_rss_mib']:13.0f} {r['rss_vs_fp32']:7.2f} {r['disk_mib']:9.1f} {r['disk_vs_fp32']:7.2f}")
+        print(f"{v:14} {r['decode_tokens_per_s']:13.1f} {r['decode_vs_fp32']:7.2f} {pre} "
+              f"{r['peak_rss_mib']:13.0f} {r['rss_vs_fp32']:7.2f} {r['disk_mib']:9.1f} {r['disk_vs_fp32']:7.2f} "
+              f"{r['weights_mib']:12.1f} {r['weights_vs_fp16']:7.2f}")
     if args.json:
         args.json.write_text(json.dumps({"shape": args.shape, "config": SHAPES[args.shape], "seed": args.seed,
                                          "runs": args.runs, "results": results}, indent=2, sort_keys=True) + "\n")
