@@ -21,19 +21,22 @@
 
 #include "rwkvq_cpu.h"
 
-static void unpack_row(const uint8_t* row, int n, int bits, int32_t* out) {
-    uint64_t buf = 0;
-    int have = 0;
-    const uint32_t mask = (1u << bits) - 1u;
-    for (int j = 0; j < n; ++j) {
-        while (have < bits) {
-            buf |= (uint64_t)(*row++) << have;
-            have += 8;
+static inline uint32_t read_code(const uint8_t* row, int row_bytes, int j, int bits);
+
+/* The first n indices of a row's bit stream; eight at a time from one unaligned 64-bit load while it stays inside
+ * the row (bits <= 8), then one by one. */
+static void unpack_row(const uint8_t* row, int row_bytes, int n, int bits, int32_t* out) {
+    const uint64_t mask = (1u << bits) - 1u;
+    int j = 0;
+    if (bits <= 8)
+        for (; j + 8 <= n && ((j * bits) >> 3) + 8 <= row_bytes; j += 8) {
+            const int bit = j * bits;
+            uint64_t w;
+            memcpy(&w, row + (bit >> 3), 8);
+            w >>= (bit & 7);
+            for (int i = 0; i < 8; ++i) out[j + i] = (int32_t)((w >> (i * bits)) & mask);
         }
-        out[j] = (int32_t)(buf & mask);
-        buf >>= bits;
-        have -= bits;
-    }
+    for (; j < n; ++j) out[j] = (int32_t)read_code(row, row_bytes, j, bits);
 }
 
 static void decode_table(const int8_t* books, const float* scales, int rb, int C, int per_book, float* table) {
@@ -203,8 +206,17 @@ static void decode_rows(const uint8_t* codes, int row_bytes, const int8_t* books
             decode_table(books, scales, rb, C, per_book, table);
             *cur = rb;
         }
-        unpack_row(codes + (size_t)n * row_bytes, n_codes, bits, idx);
+        unpack_row(codes + (size_t)n * row_bytes, row_bytes, n_codes, bits, idx);
         float* o = out + (size_t)(n - n0) * K;
+        if (dim == 2) { /* one 64-bit copy per entry */
+            const int per_group = group_cols / 2;
+            for (int j0 = 0, c = 0; j0 < n_codes; j0 += per_group, ++c) {
+                const uint64_t* t = (const uint64_t*)(table + (size_t)c * per_book);
+                const int j1 = j0 + per_group < n_codes ? j0 + per_group : n_codes;
+                for (int j = j0; j < j1; ++j) memcpy(o + 2 * (size_t)j, t + idx[j], 8);
+            }
+            continue;
+        }
         for (int j = 0; j < n_codes; ++j) {
             const float* e = table + (size_t)((j * dim) / group_cols) * per_book + idx[j] * dim;
             for (int t = 0; t < dim; ++t) o[j * dim + t] = e[t];
@@ -238,75 +250,128 @@ int rwkvq_vq_decode(const uint8_t* codes, int row_bytes, const int8_t* books, co
     return failed ? -1 : 0;
 }
 
-enum { GEMM_TILE = 8 }; /* W rows decoded at a time: 8 x K floats stay in L1/L2 while every x row passes */
+enum { PANEL = 16, MR = 6 }; /* W rows decoded per panel; activation rows per micro-kernel call */
 
-/* y[m, 0..rows) = x[m] . w[r] for one tile of decoded rows, all M activation rows. */
-static void tile_dot(const float* x, int M, int K, const float* w, int rows, float* y, int ldy) {
-    for (int m = 0; m < M; ++m) {
-        const float* xm = x + (size_t)m * K;
-        int r = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-        for (; r + 4 <= rows; r += 4) {
-            const float* w0 = w + (size_t)r * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-                   a3 = _mm256_setzero_ps();
-            int k = 0;
-            for (; k + 8 <= K; k += 8) {
-                const __m256 xv = _mm256_loadu_ps(xm + k);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + K + k), xv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + 2 * (size_t)K + k), xv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + 3 * (size_t)K + k), xv, a3);
+/* Decode weight rows [n0, n0 + rows) straight into the panel p [K, PANEL], K-major (columns past `rows` zero).
+ * tables: PANEL x C * per_book floats, idx: PANEL x n_codes ints (the caller's scratch). */
+static void decode_panel(const uint8_t* codes, int row_bytes, const int8_t* books, const float* scales, int n0,
+                         int rows, int K, int dim, int group_rows, int group_cols, int bits, float* tables,
+                         int32_t* idx, float* p) {
+    const int C = (K + group_cols - 1) / group_cols;
+    const int per_book = (1 << bits) * dim;
+    const int n_codes = K / dim;
+    const float* tab[PANEL];
+    for (int r = 0, prev = -1; r < rows; ++r) {
+        const int rb = (n0 + r) / group_rows;
+        if (rb != prev) {
+            decode_table(books, scales, rb, C, per_book, tables + (size_t)r * C * per_book);
+            tab[r] = tables + (size_t)r * C * per_book;
+            prev = rb;
+        } else {
+            tab[r] = tab[r - 1];
+        }
+        unpack_row(codes + (size_t)(n0 + r) * row_bytes, row_bytes, n_codes, bits, idx + (size_t)r * n_codes);
+    }
+    if (dim == 2) { /* the common case, with the entry width known */
+        for (int j = 0; j < n_codes; ++j) {
+            const size_t book = (size_t)((j * 2) / group_cols) * per_book;
+            float* out = p + (size_t)j * 2 * PANEL;
+            for (int r = 0; r < rows; ++r) {
+                const float* e = tab[r] + book + (size_t)idx[(size_t)r * n_codes + j] * 2;
+                out[r] = e[0];
+                out[PANEL + r] = e[1];
             }
-            /* horizontal sums of the four accumulators at once */
-            const __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
-            const __m256 s = _mm256_hadd_ps(s01, s23);
-            __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            float out[4];
-            _mm_storeu_ps(out, t);
-            for (; k < K; ++k)
-                for (int i = 0; i < 4; ++i) out[i] += w0[(size_t)i * K + k] * xm[k];
-            for (int i = 0; i < 4; ++i) y[(size_t)m * ldy + r + i] = out[i];
+            for (int r = rows; r < PANEL; ++r) out[r] = out[PANEL + r] = 0.f;
         }
-#endif
-        for (; r < rows; ++r) {
-            const float* wr = w + (size_t)r * K;
-            float acc = 0.f;
-            for (int k = 0; k < K; ++k) acc += wr[k] * xm[k];
-            y[(size_t)m * ldy + r] = acc;
+        return;
+    }
+    for (int j = 0; j < n_codes; ++j) {
+        const size_t book = (size_t)((j * dim) / group_cols) * per_book;
+        float* out = p + (size_t)j * dim * PANEL;
+        for (int r = 0; r < rows; ++r) {
+            const float* e = tab[r] + book + (size_t)idx[(size_t)r * n_codes + j] * dim;
+            for (int t = 0; t < dim; ++t) out[t * PANEL + r] = e[t];
         }
+        for (int r = rows; r < PANEL; ++r)
+            for (int t = 0; t < dim; ++t) out[t * PANEL + r] = 0.f;
     }
 }
 
-/* y[M, N] = x[M, K] @ W^T for many activation rows (prefill): each thread decodes a tile of W rows into a small
- * buffer and multiplies every activation row by it, so W is decoded once per call and never held in full. */
+/* y[i, 0..cols) = x[i] @ panel for MR activation rows (i < mr stored): outer products, one broadcast activation
+ * times sixteen weights per FMA pair, so no horizontal sums; the twelve accumulators are named variables (an
+ * array of them was spilled to the stack every step). */
+static void panel_kernel(const float* x, int K, int mr, const float* p, float* y, int ldy, int cols) {
+    float out[MR][PANEL];
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+           c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * (size_t)K, *x3 = x + 3 * (size_t)K, *x4 = x + 4 * (size_t)K,
+                *x5 = x + 5 * (size_t)K;
+    for (int k = 0; k < K; ++k) {
+        const __m256 w0 = _mm256_loadu_ps(p + (size_t)k * PANEL), w1 = _mm256_loadu_ps(p + (size_t)k * PANEL + 8);
+        __m256 xb = _mm256_broadcast_ss(x0 + k);
+        c00 = _mm256_fmadd_ps(xb, w0, c00), c01 = _mm256_fmadd_ps(xb, w1, c01);
+        xb = _mm256_broadcast_ss(x1 + k);
+        c10 = _mm256_fmadd_ps(xb, w0, c10), c11 = _mm256_fmadd_ps(xb, w1, c11);
+        xb = _mm256_broadcast_ss(x2 + k);
+        c20 = _mm256_fmadd_ps(xb, w0, c20), c21 = _mm256_fmadd_ps(xb, w1, c21);
+        xb = _mm256_broadcast_ss(x3 + k);
+        c30 = _mm256_fmadd_ps(xb, w0, c30), c31 = _mm256_fmadd_ps(xb, w1, c31);
+        xb = _mm256_broadcast_ss(x4 + k);
+        c40 = _mm256_fmadd_ps(xb, w0, c40), c41 = _mm256_fmadd_ps(xb, w1, c41);
+        xb = _mm256_broadcast_ss(x5 + k);
+        c50 = _mm256_fmadd_ps(xb, w0, c50), c51 = _mm256_fmadd_ps(xb, w1, c51);
+    }
+    const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int i = 0; i < MR; ++i) {
+        _mm256_storeu_ps(out[i], acc[i][0]);
+        _mm256_storeu_ps(out[i] + 8, acc[i][1]);
+    }
+#else
+    memset(out, 0, sizeof out);
+    for (int i = 0; i < MR; ++i)
+        for (int k = 0; k < K; ++k)
+            for (int r = 0; r < PANEL; ++r) out[i][r] += x[(size_t)i * K + k] * p[(size_t)k * PANEL + r];
+#endif
+    for (int i = 0; i < mr; ++i) memcpy(y + (size_t)i * ldy, out[i], sizeof(float) * (size_t)cols);
+}
+
+/* y[M, N] = x[M, K] @ W^T for many activation rows (prefill): each thread decodes PANEL weight rows at a time,
+ * packs them K-major, and runs every activation row past them, so W is decoded once per call and never held in
+ * full. */
 int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
     const int C = (K + group_cols - 1) / group_cols;
     const int per_book = (1 << bits) * dim;
-    const int tiles = (N + GEMM_TILE - 1) / GEMM_TILE;
+    const int panels = (N + PANEL - 1) / PANEL;
     int failed = 0;
 #pragma omp parallel
     {
-        float* table = (float*)malloc(sizeof(float) * (size_t)C * per_book);
-        int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(K / dim));
-        float* w = (float*)malloc(sizeof(float) * (size_t)GEMM_TILE * K);
-        int cur = -1;
-        if (!table || !idx || !w) {
+        float* tables = (float*)malloc(sizeof(float) * (size_t)PANEL * C * per_book);
+        int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)PANEL * (K / dim));
+        float* p = (float*)malloc(sizeof(float) * (size_t)PANEL * K);
+        float* xpad = (float*)calloc((size_t)MR * K, sizeof(float)); /* the last M % MR rows, zero-padded */
+        if (!tables || !idx || !p || !xpad) {
 #pragma omp atomic write
             failed = 1;
         } else {
 #pragma omp for schedule(static)
-            for (int t = 0; t < tiles; ++t) {
-                const int n0 = t * GEMM_TILE, n1 = n0 + GEMM_TILE < N ? n0 + GEMM_TILE : N;
-                decode_rows(codes, row_bytes, books, scales, n0, n1, K, dim, group_rows, group_cols, bits, table,
-                            &cur, idx, w);
-                tile_dot(x, M, K, w, n1 - n0, y + n0, N);
+            for (int t = 0; t < panels; ++t) {
+                const int n0 = t * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
+                decode_panel(codes, row_bytes, books, scales, n0, n1 - n0, K, dim, group_rows, group_cols, bits,
+                             tables, idx, p);
+                int m = 0;
+                for (; m + MR <= M; m += MR) panel_kernel(x + (size_t)m * K, K, MR, p, y + (size_t)m * N + n0, N, n1 - n0);
+                if (m < M) {
+                    memcpy(xpad, x + (size_t)m * K, sizeof(float) * (size_t)(M - m) * K);
+                    panel_kernel(xpad, K, M - m, p, y + (size_t)m * N + n0, N, n1 - n0);
+                }
             }
         }
-        free(table);
+        free(tables);
         free(idx);
-        free(w);
+        free(p);
+        free(xpad);
     }
     return failed ? -1 : 0;
 }
