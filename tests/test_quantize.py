@@ -367,3 +367,18 @@ def test_quantized_embedding_and_head_shrink_the_model_and_keep_its_logits(fixtu
         logits, state = sess.step(np.array([tok]), state)
         steps.append(logits[0])
     np.testing.assert_allclose(np.stack(steps), q1[0, :8], atol=1e-4, rtol=0)
+
+
+def test_cli_embedding_and_head_flags(fixture_export, tmp_path, capsys):
+    name, fp = fixture_export
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(fp), "-o", str(out), "--method", "rtn", "--wbits", "4", "--embedding-bits", "8",
+                 "--head-bits", "4", "--report", str(tmp_path / "q.json")]) == 0
+    ops_used = {n.op_type for n in onnx.load(out).graph.node}
+    assert {"MatMulNBits", "Cast"} <= ops_used
+    heads = [n for n in onnx.load(step_path(out)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(heads) == 1 and {a.name: a.i for a in heads[0].attribute}["accuracy_level"] == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(fp), "-o", str(tmp_path / "x.onnx"), "--method", "rtn", "--head-bits", "3"])
+    assert exc.value.code == 2 and not (tmp_path / "x.onnx").exists()
