@@ -221,8 +221,6 @@ typedef struct {
     int rank;
     int64_t shape[MAX_RANK];
     int64_t n;
-    const void* cached_codes; /* the codes initializer `v` was decoded from (initializers do not move) */
-    float* v;
 } VQElementwiseKernel;
 
 static OrtStatus* vq_elementwise_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
@@ -263,13 +261,6 @@ static OrtStatus* vq_elementwise_compute(void* kernel, void* ctx) {
     if (codes.numel * 8 < k->n * k->bits || book.numel < (1LL << k->bits))
         return fail(api, ORT_INVALID_ARGUMENT, "%s: codes/codebook too short for %lld values", "rwkvq.VQElementwise",
                     k->n, 0);
-    if (k->cached_codes != codes.data || !k->v) {
-        free(k->v);
-        k->v = (float*)malloc(sizeof(float) * (size_t)k->n);
-        if (!k->v) return API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQElementwise: out of memory");
-        rwkvq_decode_vector((const uint8_t*)codes.data, k->bits, (const float*)book.data, k->v, k->n);
-        k->cached_codes = codes.data;
-    }
     /* y = x * v with numpy broadcasting, for v whose non-1 dimensions are x's trailing dimensions */
     int lead = 0;
     while (lead < k->rank && k->shape[lead] == 1) ++lead;
@@ -289,14 +280,14 @@ static OrtStatus* vq_elementwise_compute(void* kernel, void* ctx) {
     }
     float* y = NULL;
     TRY(output(api, ctx, dims, (size_t)out_rank, &y));
-    rwkvq_scale_rows((const float*)x.data, k->v, y, x.numel, k->n);
+    /* decoded on every call (a few microseconds for a model-width vector): nothing shared between concurrent
+     * runs of the kernel, and correct even when the codes are not constant */
+    float* v = (float*)malloc(sizeof(float) * (size_t)k->n);
+    if (!v) return API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQElementwise: out of memory");
+    rwkvq_decode_vector((const uint8_t*)codes.data, k->bits, (const float*)book.data, v, k->n);
+    rwkvq_scale_rows((const float*)x.data, v, y, x.numel, k->n);
+    free(v);
     return NULL;
-}
-
-static void vq_elementwise_destroy(void* kernel) {
-    VQElementwiseKernel* k = (VQElementwiseKernel*)kernel;
-    if (k) free(k->v);
-    free(k);
 }
 
 /* ---- registration ------------------------------------------------------------------------------------ */
@@ -318,8 +309,8 @@ static int op_memory(const OrtCustomOpABI* op, size_t i) { (void)op; (void)i; re
 
 static RwkvqOp vq_matmul_op = RWKVQ_OP("VQMatMul", vq_matmul_create, vq_matmul_compute, free, 4, T_FLOAT, T_UINT8,
                                        T_INT8, T_FLOAT);
-static RwkvqOp vq_elementwise_op = RWKVQ_OP("VQElementwise", vq_elementwise_create, vq_elementwise_compute,
-                                            vq_elementwise_destroy, 3, T_FLOAT, T_UINT8, T_FLOAT);
+static RwkvqOp vq_elementwise_op = RWKVQ_OP("VQElementwise", vq_elementwise_create, vq_elementwise_compute, free, 3,
+                                            T_FLOAT, T_UINT8, T_FLOAT);
 
 static char registered_version[64];
 static int abi_checked;
