@@ -15,7 +15,7 @@ import numpy as np
 
 from . import ops
 
-GEMV_MAX_ROWS = 8  # RWKVQ_GEMV_MAX_ROWS in plugins/rwkvq_cpu.h: above it the tiled GEMM runs
+GEMV_MAX_ROWS = 4  # RWKVQ_GEMV_MAX_ROWS in plugins/rwkvq_cpu.h: above it the tiled GEMM runs
 
 
 def library_path() -> Path | None:
