@@ -75,8 +75,9 @@ def measure(model: str, decode_tokens: int, prefill: list[int], runs: int, threa
             sess.forward(batch)
             times.append(time.perf_counter() - t0)
         prefill_speed[str(T)] = T / statistics.median(times)
-    disk = sum(p.stat().st_size for p in Path(model).parent.glob(Path(model).name.replace(".onnx", "") + "*")
-               if p.name.endswith((".onnx", ".data")))
+    stem = str(model)[: -len(".onnx")]
+    disk = sum(Path(f).stat().st_size for f in (f"{stem}.onnx", f"{stem}.onnx.data", f"{stem}.step.onnx",
+                                                 f"{stem}.step.onnx.data") if Path(f).is_file())
     return {
         "decode_tokens_per_s": decode,
         "prefill_tokens_per_s": prefill_speed,
