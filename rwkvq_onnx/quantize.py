@@ -122,6 +122,14 @@ def rewrite_passes(opts: QuantizeOptions) -> tuple:
     return tuple(passes)
 
 
+RWKVQ_OPS_KEY = "rwkvq.ops"  # metadata: the rwkvq custom ops a graph uses (runtime.session_threads reads it)
+
+
+def rwkvq_ops(model: onnx.ModelProto) -> str:
+    """Comma-separated sorted op types of the `rwkvq` domain in the graph ('' when none)."""
+    return ",".join(sorted({n.op_type for n in model.graph.node if n.domain == "rwkvq"}))
+
+
 def _linear_weights(model: onnx.ModelProto, state: QuantState) -> None:
     inits = {t.name: t for t in model.graph.initializer}
     for t in state.linear:
@@ -237,7 +245,8 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
                 results.append(r)
                 log(r.line())
         onnx.helper.set_model_props(g, {**{p.key: p.value for p in g.metadata_props},
-                                        "rwkvq.quantization": json.dumps(meta, sort_keys=True)})
+                                        "rwkvq.quantization": json.dumps(meta, sort_keys=True),
+                                        RWKVQ_OPS_KEY: rwkvq_ops(g)})
     written: list[Path] = []
     try:
         for g, path in graphs:

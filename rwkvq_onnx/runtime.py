@@ -77,6 +77,19 @@ def _metadata(session, path: Path) -> tuple[ModelConfig, str]:
     return ModelConfig(**json.loads(meta["rwkvq.config"])), meta.get("rwkvq.graph", "sequence")
 
 
+def step_threads(session, threads: int | None) -> int | None:
+    """onnxruntime intra-op threads for the step graph that goes with `session`'s graph.
+
+    With rwkvq ops in the graph, one: those ops spread themselves over the cores (OpenMP), and
+    onnxruntime's own pool only adds thread hand-offs to the many small decode ops (0.1B RWKVQuant with
+    a 4-bit head on 2 cores: 34 -> 51 tokens/s; graphs without rwkvq ops lose with one thread, fp32
+    32 -> 23). An explicit `threads` always wins.
+    """
+    if threads:
+        return threads
+    return 1 if session.get_modelmeta().custom_metadata_map.get("rwkvq.ops") else None
+
+
 class RwkvSession:
     """An exported RWKV model ready to run; state is passed in and returned, never hidden."""
 
@@ -88,7 +101,7 @@ class RwkvSession:
         self.step_session = first if kind == "step" else None
         sibling = step_path(self.path)
         if self.step_session is None and use_step_graph and sibling.is_file():
-            self.step_session = open_session(sibling, threads)
+            self.step_session = open_session(sibling, step_threads(first, threads))
             step_config, step_kind = _metadata(self.step_session, sibling)
             if step_kind != "step" or step_config != self.config:
                 raise RwkvqError(f"step graph does not match {self.path.name}", sibling)
