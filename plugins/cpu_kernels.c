@@ -391,19 +391,8 @@ int rwkvq_vq_matmul(const float* x, int M, const uint8_t* codes, int row_bytes, 
     return rwkvq_vq_gemm(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits);
 }
 
-void rwkvq_decode_vector(const uint8_t* codes, int bits, const float* book, float* v, int64_t n) {
-    uint64_t buf = 0;
-    int have = 0;
-    const uint32_t mask = (1u << bits) - 1u;
-    for (int64_t j = 0; j < n; ++j) {
-        while (have < bits) {
-            buf |= (uint64_t)(*codes++) << have;
-            have += 8;
-        }
-        v[j] = book[buf & mask];
-        buf >>= bits;
-        have -= bits;
-    }
+void rwkvq_decode_vector(const uint8_t* codes, int n_bytes, int bits, const float* book, float* v, int n) {
+    for (int j = 0; j < n; ++j) v[j] = book[read_code(codes, n_bytes, j, bits)];
 }
 
 void rwkvq_scale_rows(const float* x, const float* v, float* y, int64_t total, int64_t n) {

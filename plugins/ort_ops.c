@@ -284,7 +284,7 @@ static OrtStatus* vq_elementwise_compute(void* kernel, void* ctx) {
      * runs of the kernel, and correct even when the codes are not constant */
     float* v = (float*)malloc(sizeof(float) * (size_t)k->n);
     if (!v) return API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQElementwise: out of memory");
-    rwkvq_decode_vector((const uint8_t*)codes.data, k->bits, (const float*)book.data, v, k->n);
+    rwkvq_decode_vector((const uint8_t*)codes.data, (int)codes.numel, k->bits, (const float*)book.data, v, (int)k->n);
     rwkvq_scale_rows((const float*)x.data, v, y, x.numel, k->n);
     free(v);
     return NULL;

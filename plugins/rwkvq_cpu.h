@@ -17,8 +17,8 @@ int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, co
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
 int rwkvq_vq_decode(const uint8_t* codes, int row_bytes, const int8_t* books, const float* scales, float* w, int N,
                     int K, int dim, int group_rows, int group_cols, int bits);
-/* v[n] = book[index n of the bit stream] */
-void rwkvq_decode_vector(const uint8_t* codes, int bits, const float* book, float* v, int64_t n);
+/* v[j] = book[index j of the bit stream codes (n_bytes long)], j < n */
+void rwkvq_decode_vector(const uint8_t* codes, int n_bytes, int bits, const float* book, float* v, int n);
 /* y[i] = x[i] * v[i % n] */
 void rwkvq_scale_rows(const float* x, const float* v, float* y, int64_t total, int64_t n);
 
