@@ -49,13 +49,15 @@ class QuantizeEmbeddingHead:
     head_accuracy_level: int = 4
     name: str = "quantize-embedding-head"
 
-    def __call__(self, model: onnx.ModelProto, state: QuantState | None = None) -> PassResult:
+    def __post_init__(self) -> None:
         if self.embedding_bits not in (None, 8):
             raise ConfigError(f"--embedding-bits must be 8, got {self.embedding_bits}")
         if self.head_bits not in (None, 4, 8):
             raise ConfigError(f"--head-bits must be 4 or 8, got {self.head_bits}")
         if self.head_accuracy_level not in (0, 4):
             raise ConfigError(f"--head-accuracy-level must be 0 or 4, got {self.head_accuracy_level}")
+
+    def __call__(self, model: onnx.ModelProto, state: QuantState | None = None) -> PassResult:
         result = PassResult(self.name)
         inits = {t.name: t for t in model.graph.initializer}
         new_nodes: list[onnx.NodeProto] = []

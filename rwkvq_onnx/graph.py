@@ -83,3 +83,11 @@ def remove_unused(model: onnx.ModelProto) -> tuple[int, int]:
 def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
     if not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+RWKVQ_OPS_KEY = "rwkvq.ops"  # metadata: the rwkvq custom ops a graph uses (written by quantize, read by runtime)
+
+
+def rwkvq_ops(model: onnx.ModelProto) -> str:
+    """Comma-separated sorted op types of the `rwkvq` domain in the graph ('' when none)."""
+    return ",".join(sorted({n.op_type for n in model.graph.node if n.domain == "rwkvq"}))

@@ -21,6 +21,7 @@ from .atomic import check_writable
 from .calibration import calibration_windows, collect_statistics, find_targets, CalibrationStats
 from .errors import ConfigError
 from .export import read_config, save_model, step_path
+from .graph import RWKVQ_OPS_KEY, rwkvq_ops
 from .passes.base import PassResult, QuantState
 from .passes.cleanup import Cleanup
 from .passes.lower_vq import LowerVQ
@@ -73,12 +74,7 @@ class QuantizeOptions:
         needs_h = self.method == "rwkvquant" or METHODS[self.method].needs_hessian
         if needs_h and not self.calib:
             raise ConfigError(f"--method {self.method} needs calibration data: pass --calib FILE")
-        if self.embedding_bits not in (None, 8):
-            raise ConfigError(f"--embedding-bits must be 8, got {self.embedding_bits}")
-        if self.head_bits not in (None, 4, 8):
-            raise ConfigError(f"--head-bits must be 4 or 8, got {self.head_bits}")
-        if self.head_accuracy_level not in (0, 4):
-            raise ConfigError(f"--head-accuracy-level must be 0 or 4, got {self.head_accuracy_level}")
+        QuantizeEmbeddingHead(self.embedding_bits, self.head_bits, self.head_accuracy_level)  # checks them
 
     def use_elementwise(self) -> bool:
         return self.method == "rwkvquant" if self.elementwise is None else self.elementwise
@@ -120,14 +116,6 @@ def rewrite_passes(opts: QuantizeOptions) -> tuple:
         passes.append(LowerVQ())
     passes.append(Cleanup())
     return tuple(passes)
-
-
-RWKVQ_OPS_KEY = "rwkvq.ops"  # metadata: the rwkvq custom ops a graph uses (runtime.session_threads reads it)
-
-
-def rwkvq_ops(model: onnx.ModelProto) -> str:
-    """Comma-separated sorted op types of the `rwkvq` domain in the graph ('' when none)."""
-    return ",".join(sorted({n.op_type for n in model.graph.node if n.domain == "rwkvq"}))
 
 
 def _linear_weights(model: onnx.ModelProto, state: QuantState) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 from .checkpoint import ModelConfig
 from .errors import ConfigError, RwkvqError
 from .export import step_path
+from .graph import RWKVQ_OPS_KEY
 
 StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -87,7 +88,7 @@ def step_threads(session, threads: int | None) -> int | None:
     """
     if threads:
         return threads
-    return 1 if session.get_modelmeta().custom_metadata_map.get("rwkvq.ops") else None
+    return 1 if session.get_modelmeta().custom_metadata_map.get(RWKVQ_OPS_KEY) else None
 
 
 class RwkvSession:
