@@ -152,52 +152,78 @@ static int row_dot_dim2_any(const uint8_t* row, int row_bytes, long long avail, 
 }
 #endif
 
-/* y[M, N] = x[M, K] @ W^T. Returns 0, or -1 when scratch memory cannot be allocated. */
-int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
-                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+/* Rows [n0, n1) of y[M, N] = x[M, K] @ W^T on the calling thread; table: C decoded codebooks (scratch). */
+static void gemv_rows(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                      const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits,
+                      int n0, int n1, float* table) {
     const int C = (K + group_cols - 1) / group_cols;
     const int per_book = (1 << bits) * dim;
     const int n_codes = K / dim;
     const int codes_per_group = group_cols / dim;
-    const long long work = (long long)N * K * M;
-    int failed = 0;
-#pragma omp parallel if (work >= 262144)
-    {
-        float* table = (float*)malloc(sizeof(float) * (size_t)C * per_book);
-        int cur = -1;
-        if (!table) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (int n = 0; n < N; ++n) {
-                const int rb = n / group_rows;
-                if (rb != cur) {
-                    decode_table(books, scales, rb, C, per_book, table);
-                    cur = rb;
-                }
-                const uint8_t* row = codes + (size_t)n * row_bytes;
-                for (int m = 0; m < M; ++m) {
-                    float acc = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-                    if (dim == 2 && row_dot_dim2_any(row, row_bytes, (long long)(N - n) * row_bytes, bits, table,
-                                                     per_book, x + (size_t)m * K, n_codes, codes_per_group, &acc)) {
-                        y[(size_t)m * N + n] = acc;
-                        continue;
-                    }
-#endif
-                    for (int c = 0; c < C; ++c) {
-                        const int j0 = c * codes_per_group;
-                        const int j1 = j0 + codes_per_group < n_codes ? j0 + codes_per_group : n_codes;
-                        acc += row_group_dot(row, row_bytes, bits, table + (size_t)c * per_book,
-                                             x + (size_t)m * K + (size_t)j0 * dim, j0, j1, dim);
-                    }
-                    y[(size_t)m * N + n] = acc;
-                }
-            }
+    int cur = -1;
+    for (int n = n0; n < n1; ++n) {
+        const int rb = n / group_rows;
+        if (rb != cur) {
+            decode_table(books, scales, rb, C, per_book, table);
+            cur = rb;
         }
-        free(table);
+        const uint8_t* row = codes + (size_t)n * row_bytes;
+        for (int m = 0; m < M; ++m) {
+            float acc = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+            if (dim == 2 && row_dot_dim2_any(row, row_bytes, (long long)(N - n) * row_bytes, bits, table, per_book,
+                                             x + (size_t)m * K, n_codes, codes_per_group, &acc)) {
+                y[(size_t)m * N + n] = acc;
+                continue;
+            }
+#endif
+            for (int c = 0; c < C; ++c) {
+                const int j0 = c * codes_per_group;
+                const int j1 = j0 + codes_per_group < n_codes ? j0 + codes_per_group : n_codes;
+                acc += row_group_dot(row, row_bytes, bits, table + (size_t)c * per_book,
+                                     x + (size_t)m * K + (size_t)j0 * dim, j0, j1, dim);
+            }
+            y[(size_t)m * N + n] = acc;
+        }
     }
+}
+
+int rwkvq_vq_gemv_chunks(int N, int K, int M, int group_rows) {
+    const long long work = (long long)N * K * M;
+    if (work < RWKVQ_PARALLEL_MIN_WORK) return 1;
+    const int blocks = (N + group_rows - 1) / group_rows;
+    long long chunks = work / (RWKVQ_PARALLEL_MIN_WORK / 2);
+    if (chunks > 64) chunks = 64;
+    return (int)(chunks < blocks ? chunks : blocks);
+}
+
+int rwkvq_vq_gemv_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                        const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
+                        int bits, int chunk, int chunks) {
+    /* chunks split the row blocks evenly, so no two chunks decode the same codebooks */
+    const int blocks = (N + group_rows - 1) / group_rows;
+    const int b0 = (int)((long long)blocks * chunk / chunks), b1 = (int)((long long)blocks * (chunk + 1) / chunks);
+    const int n0 = b0 * group_rows, n1 = b1 * group_rows < N ? b1 * group_rows : N;
+    const int C = (K + group_cols - 1) / group_cols;
+    float* table = (float*)malloc(sizeof(float) * (size_t)C * (size_t)(1 << bits) * dim);
+    if (!table) return -1;
+    gemv_rows(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits, n0, n1, table);
+    free(table);
+    return 0;
+}
+
+/* y[M, N] = x[M, K] @ W^T. Returns 0, or -1 when scratch memory cannot be allocated. */
+int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+    const int chunks = rwkvq_vq_gemv_chunks(N, K, M, group_rows);
+    if (chunks == 1) /* no OpenMP region at all for small matrices: entering one costs more than the work */
+        return rwkvq_vq_gemv_chunk(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols,
+                                   bits, 0, 1);
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (int c = 0; c < chunks; ++c)
+        failed |= rwkvq_vq_gemv_chunk(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols,
+                                      bits, c, chunks) != 0;
     return failed ? -1 : 0;
 }
 
@@ -344,43 +370,51 @@ static void panel_kernel(const float* x, int K, int mr, const float* p, float* y
     for (int i = 0; i < mr; ++i) memcpy(y + (size_t)i * ldy, out[i], sizeof(float) * (size_t)cols);
 }
 
-/* y[M, N] = x[M, K] @ W^T for many activation rows (prefill): each thread decodes PANEL weight rows at a time,
- * packs them K-major, and runs every activation row past them, so W is decoded once per call and never held in
- * full. */
-int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
-                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+int rwkvq_vq_gemm_chunks(int N) {
+    const int panels = (N + PANEL - 1) / PANEL;
+    return panels < 64 ? panels : 64;
+}
+
+int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                        const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
+                        int bits, int chunk, int chunks) {
     const int C = (K + group_cols - 1) / group_cols;
     const int per_book = (1 << bits) * dim;
     const int panels = (N + PANEL - 1) / PANEL;
-    int failed = 0;
-#pragma omp parallel
-    {
-        float* tables = (float*)malloc(sizeof(float) * (size_t)PANEL * C * per_book);
-        int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)PANEL * (K / dim));
-        float* p = (float*)malloc(sizeof(float) * (size_t)PANEL * K);
-        float* xpad = (float*)calloc((size_t)MR * K, sizeof(float)); /* the last M % MR rows, zero-padded */
-        if (!tables || !idx || !p || !xpad) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (int t = 0; t < panels; ++t) {
-                const int n0 = t * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
-                decode_panel(codes, row_bytes, books, scales, n0, n1 - n0, K, dim, group_rows, group_cols, bits,
-                             tables, idx, p);
-                int m = 0;
-                for (; m + MR <= M; m += MR) panel_kernel(x + (size_t)m * K, K, MR, p, y + (size_t)m * N + n0, N, n1 - n0);
-                if (m < M) {
-                    memcpy(xpad, x + (size_t)m * K, sizeof(float) * (size_t)(M - m) * K);
-                    panel_kernel(xpad, K, M - m, p, y + (size_t)m * N + n0, N, n1 - n0);
-                }
-            }
+    const int t0 = (int)((long long)panels * chunk / chunks), t1 = (int)((long long)panels * (chunk + 1) / chunks);
+    float* tables = (float*)malloc(sizeof(float) * (size_t)PANEL * C * per_book);
+    int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)PANEL * (K / dim));
+    float* p = (float*)malloc(sizeof(float) * (size_t)PANEL * K);
+    float* xpad = (float*)calloc((size_t)MR * K, sizeof(float)); /* the last M % MR rows, zero-padded */
+    const int ok = tables && idx && p && xpad;
+    for (int t = t0; ok && t < t1; ++t) {
+        const int n0 = t * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
+        decode_panel(codes, row_bytes, books, scales, n0, n1 - n0, K, dim, group_rows, group_cols, bits, tables,
+                     idx, p);
+        int m = 0;
+        for (; m + MR <= M; m += MR) panel_kernel(x + (size_t)m * K, K, MR, p, y + (size_t)m * N + n0, N, n1 - n0);
+        if (m < M) {
+            memcpy(xpad, x + (size_t)m * K, sizeof(float) * (size_t)(M - m) * K);
+            panel_kernel(xpad, K, M - m, p, y + (size_t)m * N + n0, N, n1 - n0);
         }
-        free(tables);
-        free(idx);
-        free(p);
-        free(xpad);
     }
+    free(tables);
+    free(idx);
+    free(p);
+    free(xpad);
+    return ok ? 0 : -1;
+}
+
+/* y[M, N] = x[M, K] @ W^T for many activation rows (prefill): PANEL weight rows at a time are decoded, packed
+ * K-major, and every activation row runs past them, so W is decoded once per call and never held in full. */
+int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+    const int chunks = rwkvq_vq_gemm_chunks(N);
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : failed)
+    for (int c = 0; c < chunks; ++c)
+        failed |= rwkvq_vq_gemm_chunk(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols,
+                                      bits, c, chunks) != 0;
     return failed ? -1 : 0;
 }
 

@@ -13,6 +13,19 @@ int rwkvq_vq_matmul(const float* x, int M, const uint8_t* codes, int row_bytes, 
                     const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
 int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
+/* below this much work (N * K * M) a GEMV runs on the calling thread alone */
+#define RWKVQ_PARALLEL_MIN_WORK 262144
+/* The GEMV split into independent pieces for a caller's own thread pool: rwkvq_vq_gemv_chunks pieces, piece
+ * `chunk` computing a disjoint range of y's columns (0, or -1 when scratch memory cannot be allocated). */
+int rwkvq_vq_gemv_chunks(int N, int K, int M, int group_rows);
+int rwkvq_vq_gemv_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                        const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
+                        int bits, int chunk, int chunks);
+/* The same split for the GEMM (prefill): pieces compute disjoint panels of y's columns. */
+int rwkvq_vq_gemm_chunks(int N);
+int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                        const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
+                        int bits, int chunk, int chunks);
 int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
 int rwkvq_vq_decode(const uint8_t* codes, int row_bytes, const int8_t* books, const float* scales, float* w, int N,
