@@ -10,7 +10,10 @@
  *   - OrtApi, a table of function pointers that only ever grows at the end: the entries used are named by
  *     their fixed position (all present since API version 1);
  *   - OrtCustomOp, a struct of callbacks whose `version` field tells onnxruntime which of them it may read;
- *     version 16 gives the status-returning CreateKernelV2 / KernelComputeV2.
+ *     version 16 gives the status-returning CreateKernelV2 / KernelComputeV2;
+ *   - KernelContext_ParallelFor (API 17, slot 274) when onnxruntime offers it: VQMatMul then runs its pieces
+ *     on the session's intra-op threads, so a session has one thread pool instead of onnxruntime's plus OpenMP's
+ *     (before API 17 it falls back to OpenMP).
  * tests/test_cpu_kernels_report.py checks these against the installed onnxruntime (version string, a status
  * round trip, and both ops against the numpy reference through real sessions).
  */
@@ -49,9 +52,10 @@ enum OrtApiIndex {
     ORT_KernelContext_GetOutput = 91,
     ORT_ReleaseStatus = 93,
     ORT_ReleaseTensorTypeAndShapeInfo = 99,
+    ORT_KernelContext_ParallelFor = 274, /* API version 17 */
 };
 
-enum { ORT_API_VERSION_USED = 16 };
+enum { ORT_API_VERSION_USED = 16, ORT_API_VERSION_PARALLEL_FOR = 17 };
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
 enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3 };
 enum { CHARACTERISTIC_REQUIRED = 0 };
@@ -107,6 +111,10 @@ typedef OrtStatus* (*KernelInfoGetAttributeStringFn)(const void*, const char*, c
 typedef OrtStatus* (*KernelContextGetInputCountFn)(const void*, size_t*);
 typedef OrtStatus* (*KernelContextGetInputFn)(const void*, size_t, const void**);
 typedef OrtStatus* (*KernelContextGetOutputFn)(void*, size_t, const int64_t*, size_t, void**);
+typedef OrtStatus* (*KernelContextParallelForFn)(const void*, void (*)(void*, size_t), size_t, size_t, void*);
+
+/* set by RegisterCustomOps when onnxruntime offers API 17 */
+static KernelContextParallelForFn parallel_for_api;
 
 #define API(api, index, type) ((type)(api)[index])
 #define TRY(expr)                          \
@@ -164,8 +172,33 @@ static OrtStatus* attr_int(const OrtFn* api, const void* info, const char* name,
 
 typedef struct {
     const OrtFn* api;
+    KernelContextParallelForFn parallel_for; /* onnxruntime's intra-op pool; NULL before API 17 */
     int N, K, dim, group_rows, group_cols, bits;
 } VQMatMulKernel;
+
+/* One call of VQMatMul split into pieces for onnxruntime's intra-op pool: GEMV pieces for decode, GEMM panels
+ * for prefill (the same split the OpenMP entry points use). */
+typedef int (*ChunkFn)(const float*, int, const uint8_t*, int, const int8_t*, const float*, float*, int, int, int, int,
+                       int, int, int, int);
+typedef struct {
+    const VQMatMulKernel* k;
+    ChunkFn run;
+    const float* x;
+    int M, row_bytes, chunks;
+    const uint8_t* codes;
+    const int8_t* books;
+    const float* scales;
+    float* y;
+    int failed;
+} VQMatMulJob;
+
+static void vq_matmul_piece(void* data, size_t i) {
+    VQMatMulJob* j = (VQMatMulJob*)data;
+    const VQMatMulKernel* k = j->k;
+    if (j->run(j->x, j->M, j->codes, j->row_bytes, j->books, j->scales, j->y, k->N, k->K, k->dim, k->group_rows,
+               k->group_cols, k->bits, (int)i, j->chunks))
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+}
 
 static OrtStatus* vq_matmul_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
     (void)op;
@@ -176,7 +209,7 @@ static OrtStatus* vq_matmul_create(const OrtCustomOpABI* op, const OrtFn* api, c
         return fail(api, ORT_INVALID_ARGUMENT, "%s: bad attributes (N=%lld, K=%lld, ...)", "rwkvq.VQMatMul", v[0], v[1]);
     VQMatMulKernel* k = (VQMatMulKernel*)calloc(1, sizeof *k);
     if (!k) return API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQMatMul: out of memory");
-    *k = (VQMatMulKernel){api, (int)v[0], (int)v[1], (int)v[2], (int)v[3], (int)v[4], (int)v[5]};
+    *k = (VQMatMulKernel){api, parallel_for_api, (int)v[0], (int)v[1], (int)v[2], (int)v[3], (int)v[4], (int)v[5]};
     *kernel = k;
     return NULL;
 }
@@ -207,6 +240,19 @@ static OrtStatus* vq_matmul_compute(void* kernel, void* ctx) {
     TRY(output(api, ctx, dims, x.rank, &y));
     const long long M = x.numel / k->K;
     if (M == 0) return NULL;
+    if (k->parallel_for) {
+        /* the pieces run on onnxruntime's intra-op threads, the same ones its own kernels use: one pool */
+        const int gemv = M <= RWKVQ_GEMV_MAX_ROWS;
+        VQMatMulJob job = {k, gemv ? rwkvq_vq_gemv_chunk : rwkvq_vq_gemm_chunk, (const float*)x.data, (int)M, row_bytes,
+                           gemv ? rwkvq_vq_gemv_chunks(k->N, k->K, (int)M, k->group_rows) : rwkvq_vq_gemm_chunks(k->N),
+                           (const uint8_t*)codes.data, (const int8_t*)books.data, (const float*)scales.data, y, 0};
+        if (job.chunks == 1)
+            vq_matmul_piece(&job, 0);
+        else
+            TRY(k->parallel_for(ctx, vq_matmul_piece, (size_t)job.chunks, 0, &job));
+        return job.failed ? API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQMatMul: out of memory") : NULL;
+    }
+    /* onnxruntime before API 17: the OpenMP entry point */
     int rc = rwkvq_vq_matmul((const float*)x.data, (int)M, (const uint8_t*)codes.data, row_bytes,
                              (const int8_t*)books.data, (const float*)scales.data, y, k->N, k->K, k->dim,
                              k->group_rows, k->group_cols, k->bits);
@@ -330,6 +376,8 @@ OrtStatus* RegisterCustomOps(void* session_options, const OrtApiBase* base) {
     if (!api) return NULL; /* cannot even report: onnxruntime older than API 16 */
     snprintf(registered_version, sizeof registered_version, "%s", base->GetVersionString());
     abi_checked = abi_round_trip(api) ? 1 : -1;
+    const OrtFn* api17 = base->GetApi(ORT_API_VERSION_PARALLEL_FOR);
+    parallel_for_api = api17 ? API(api17, ORT_KernelContext_ParallelFor, KernelContextParallelForFn) : NULL;
     void* domain = NULL;
     TRY(API(api, ORT_CreateCustomOpDomain, CreateCustomOpDomainFn)("rwkvq", &domain));
     TRY(API(api, ORT_CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &vq_matmul_op.abi));
@@ -342,3 +390,5 @@ OrtStatus* RegisterCustomOps(void* session_options, const OrtApiBase* base) {
  * (1 yes, -1 no, 0 not registered yet). */
 const char* rwkvq_ort_version(void) { return registered_version; }
 int rwkvq_ort_abi_ok(void) { return abi_checked; }
+/* 1 when the ops run their pieces on onnxruntime's intra-op pool (KernelContext_ParallelFor was found) */
+int rwkvq_ort_thread_pool(void) { return parallel_for_api != NULL; }

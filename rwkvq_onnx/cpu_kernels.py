@@ -41,6 +41,7 @@ def library() -> ctypes.CDLL | None:
     lib.rwkvq_vq_decode.restype = ctypes.c_int
     lib.rwkvq_ort_version.restype = ctypes.c_char_p
     lib.rwkvq_ort_abi_ok.restype = ctypes.c_int
+    lib.rwkvq_ort_thread_pool.restype = ctypes.c_int
     return lib
 
 

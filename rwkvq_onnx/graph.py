@@ -85,7 +85,7 @@ def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 
-RWKVQ_OPS_KEY = "rwkvq.ops"  # metadata: the rwkvq custom ops a graph uses (written by quantize, read by runtime)
+RWKVQ_OPS_KEY = "rwkvq.ops"  # metadata written by quantize: the rwkvq custom ops a graph needs a library for
 
 
 def rwkvq_ops(model: onnx.ModelProto) -> str:

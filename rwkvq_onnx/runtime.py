@@ -14,7 +14,6 @@ import numpy as np
 from .checkpoint import ModelConfig
 from .errors import ConfigError, RwkvqError
 from .export import step_path
-from .graph import RWKVQ_OPS_KEY
 
 StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -32,10 +31,10 @@ def session_options(threads: int | None = None):
     opts.register_custom_ops_library(register())
     # exact MatMulNBits / fused DequantizeLinear+MatMul numerics (no int8 activations)
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    # Idle intra-op threads must not spin: on small machines they steal the cores that the rwkvq kernels'
-    # own threads and the calling thread need (measured on 2 cores, 0.1B decode: fp32 38 -> 34 ms/token,
-    # RWKVQuant 218 -> 110 ms/token).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Idle intra-op threads keep onnxruntime's default (spin briefly before sleeping): the native rwkvq ops run
+    # on the same pool (KernelContext_ParallelFor), and a sleeping pool pays a wake-up on each of the ~70 large
+    # matmuls per token (2 cores, 0.1B RWKVQuant decode, one process, interleaved: 24.3 -> 20.2 ms/token;
+    # fp32 34.8 -> 33.0).
     return opts
 
 
@@ -78,19 +77,6 @@ def _metadata(session, path: Path) -> tuple[ModelConfig, str]:
     return ModelConfig(**json.loads(meta["rwkvq.config"])), meta.get("rwkvq.graph", "sequence")
 
 
-def step_threads(session, threads: int | None) -> int | None:
-    """onnxruntime intra-op threads for the step graph that goes with `session`'s graph.
-
-    With rwkvq ops in the graph, one: those ops spread themselves over the cores (OpenMP), and
-    onnxruntime's own pool only adds thread hand-offs to the many small decode ops (0.1B RWKVQuant with
-    a 4-bit head on 2 cores: 34 -> 51 tokens/s; graphs without rwkvq ops lose with one thread, fp32
-    32 -> 23). An explicit `threads` always wins.
-    """
-    if threads:
-        return threads
-    return 1 if session.get_modelmeta().custom_metadata_map.get(RWKVQ_OPS_KEY) else None
-
-
 class RwkvSession:
     """An exported RWKV model ready to run; state is passed in and returned, never hidden."""
 
@@ -102,7 +88,7 @@ class RwkvSession:
         self.step_session = first if kind == "step" else None
         sibling = step_path(self.path)
         if self.step_session is None and use_step_graph and sibling.is_file():
-            self.step_session = open_session(sibling, step_threads(first, threads))
+            self.step_session = open_session(sibling, threads)
             step_config, step_kind = _metadata(self.step_session, sibling)
             if step_kind != "step" or step_config != self.config:
                 raise RwkvqError(f"step graph does not match {self.path.name}", sibling)

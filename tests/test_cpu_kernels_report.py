@@ -64,17 +64,22 @@ def _rwkvq_model(packed, books, scales, attrs, ev_codes, ev_book, ev_shape):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_onnxruntime_ops_equal_reference(native):
-    """The rwkvq ops in real onnxruntime sessions, native library and Python fallback, decode and prefill sizes."""
+    """The rwkvq ops in real onnxruntime sessions, native library and Python fallback, decode and prefill sizes.
+
+    640 x 512 is large enough for the native GEMV to split into pieces on onnxruntime's two intra-op threads
+    (KernelContext_ParallelFor), and the prefill GEMM into panels.
+    """
     import onnxruntime as ort
 
     from rwkvq_onnx.ortops import register
 
     rng = np.random.default_rng(7)
-    packed, books, scales, attrs = _payload(rng, 96, 512, 2, 3, 16, 256)
+    packed, books, scales, attrs = _payload(rng, 640, 512, 2, 3, 16, 256)
     ev = rng.integers(0, 16, size=512)
     ev_codes, ev_book = ops.pack_rows(ev.reshape(1, -1), 4)[0], rng.standard_normal(16).astype(np.float32)
     model = _rwkvq_model(packed, books, scales, attrs, ev_codes, ev_book, (1, 1, 512))
     opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
     opts.register_custom_ops_library(register(native=native))
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     for b, t in [(1, 1), (2, 3), (1, 40)]:
@@ -90,6 +95,8 @@ def test_onnxruntime_ops_equal_reference(native):
         lib = cpu_kernels.library()
         assert lib.rwkvq_ort_version().decode() == ort.__version__  # the hand-declared ABI reached onnxruntime
         assert lib.rwkvq_ort_abi_ok() == 1
+        # onnxruntime >= 1.17 (API 17) lends its thread pool to the ops
+        assert lib.rwkvq_ort_thread_pool() == (tuple(map(int, ort.__version__.split(".")[:2])) >= (1, 17))
 
 
 def test_native_ops_reject_a_bad_input_shape():

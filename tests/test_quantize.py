@@ -67,11 +67,9 @@ def test_rwkvquant_end_to_end_meets_bpw_and_evaluates(fixture_export, tmp_path):
     assert totals["elementwise_vectors"] > 0
     # runs in eval exactly like an fp model, with its step sibling
     assert step_path(out).is_file()
-    # the step graph with rwkvq ops runs onnxruntime single-threaded (its rwkvq ops thread themselves)
+    # both graphs name the custom ops they need (for deployment tooling)
     assert onnx.load(out).metadata_props and "VQMatMul" in {p.key: p.value for p in onnx.load(
         step_path(out)).metadata_props}["rwkvq.ops"]
-    assert RwkvSession(out).step_session.get_session_options().intra_op_num_threads == 1
-    assert RwkvSession(fp).step_session.get_session_options().intra_op_num_threads == 0
     assert RwkvSession(out, threads=2).step_session.get_session_options().intra_op_num_threads == 2
     res = evaluate_text(RwkvSession(out), ByteTokenizer(), [GOLDEN_TEXT.decode()], progress=False)
     ref = evaluate_text(RwkvSession(fp), ByteTokenizer(), [GOLDEN_TEXT.decode()], progress=False)
