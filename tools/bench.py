@@ -5,7 +5,10 @@ Creates a seeded synthetic RWKV-7 of a named shape (no download), exports the
 variants (fp32, fp16, and quantized ones: rwkvquant at 3.275 bpw with the
 rwkvq ops, gptq4 as 4-bit MatMulNBits, and each of those with an int8
 embedding and a 4-bit head: -eh4), then measures each in its own process so
-peak RSS is that variant's alone:
+peak RSS is that variant's alone. --rounds repeats the sweep over the
+variants (order reversed every other round) and each speed ratio is the
+median of the per-round ratios to that round's fp32, so slow drifts of a
+shared machine hit the numerator and the denominator alike:
 
 - decode tokens/s: batch 1, step graph, after warm-up, median of --runs;
 - prefill tokens/s at each --prefill length (sequence graph, median);
@@ -167,6 +170,34 @@ def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -
     return paths
 
 
+def summarize(rounds: list[dict[str, dict]], weights_mib: dict[str, float]) -> dict[str, dict]:
+    """Per variant: medians over rounds of speeds and of per-round ratios to fp32; the largest peak RSS."""
+    med = statistics.median
+    out = {}
+    for v in rounds[0]:
+        per = [r[v] for r in rounds]
+        base = [r["fp32"] for r in rounds]
+        lengths = list(per[0]["prefill_tokens_per_s"])
+        out[v] = {
+            "decode_tokens_per_s": med(p["decode_tokens_per_s"] for p in per),
+            "prefill_tokens_per_s": {T: med(p["prefill_tokens_per_s"][T] for p in per) for T in lengths},
+            "decode_vs_fp32_per_round": [p["decode_tokens_per_s"] / b["decode_tokens_per_s"] for p, b in zip(per, base)],
+            "decode_vs_fp32": med(p["decode_tokens_per_s"] / b["decode_tokens_per_s"] for p, b in zip(per, base)),
+            "prefill_vs_fp32": {T: med(p["prefill_tokens_per_s"][T] / b["prefill_tokens_per_s"][T]
+                                       for p, b in zip(per, base)) for T in lengths},
+            "peak_rss_mib": max(p["peak_rss_mib"] for p in per),
+            "disk_mib": per[0]["disk_mib"],
+            "weights_mib": weights_mib[v],
+        }
+    fp32, fp16_weights = out["fp32"], weights_mib.get("fp16", weights_mib["fp32"] / 2)
+    for r in out.values():
+        r["rss_vs_fp32"] = r["peak_rss_mib"] / fp32["peak_rss_mib"]
+        r["disk_vs_fp32"] = r["disk_mib"] / fp32["disk_mib"]
+        r["weights_vs_fp16"] = r["weights_mib"] / fp16_weights
+        r["rss_vs_fp16_weights"] = r["peak_rss_mib"] / fp16_weights
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=SHAPES, default="0.1b")
@@ -175,7 +206,9 @@ def main() -> None:
                          "ones (int8 embedding, 4-bit head)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--prefill", default="128,512", help="comma-separated prefill lengths")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per measurement inside one process (median)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="sweeps over all variants, each variant in a fresh process (median of per-round ratios)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("bench-models"))
@@ -192,29 +225,25 @@ def main() -> None:
     if "fp32" not in variants:
         variants.insert(0, "fp32")
     paths = export_variants(args.shape, args.workdir, args.seed, variants)
-    results = {}
-    for v, path in paths.items():
-        cmd = [sys.executable, __file__, "--child", str(path), "--decode-tokens", str(args.decode_tokens),
-               "--prefill", args.prefill, "--runs", str(args.runs), "--seed", str(args.seed)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        print(f"measuring {v} ...", file=sys.stderr)
-        results[v] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        results[v]["weights_mib"] = weight_bytes(path) / 2**20
+    rounds: list[dict[str, dict]] = []
+    order = list(paths)
+    for r in range(args.rounds):
+        this = {}
+        for v in (order if r % 2 == 0 else order[::-1]):
+            cmd = [sys.executable, __file__, "--child", str(paths[v]), "--decode-tokens", str(args.decode_tokens),
+                   "--prefill", args.prefill, "--runs", str(args.runs), "--seed", str(args.seed)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            print(f"round {r + 1}/{args.rounds}: measuring {v} ...", file=sys.stderr)
+            this[v] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        rounds.append(this)
+    results = summarize(rounds, {v: weight_bytes(p) / 2**20 for v, p in paths.items()})
     base = results["fp32"]
-    fp16_weights = results["fp16"]["weights_mib"] if "fp16" in results else base["weights_mib"] / 2
-    for r in results.values():
-        r["decode_vs_fp32"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        r["prefill_vs_fp32"] = {T: s / base["prefill_tokens_per_s"][T] for T, s in r["prefill_tokens_per_s"].items()}
-        r["rss_vs_fp32"] = r["peak_rss_mib"] / base["peak_rss_mib"]
-        r["disk_vs_fp32"] = r["disk_mib"] / base["disk_mib"]
-        r["weights_vs_fp16"] = r["weights_mib"] / fp16_weights
-        r["rss_vs_fp16_weights"] = r["peak_rss_mib"] / fp16_weights
-
     header = f"{'variant':14} {'decode tok/s':>13} {'x fp32':>7} " + " ".join(
         f"{'prefill ' + T:>13} {'x fp32':>7}" for T in base["prefill_tokens_per_s"]) + \
         f" {'peak RSS MiB':>13} {'x fp32':>7} {'disk MiB':>9} {'x fp32':>7} {'weights MiB':>12} {'x fp16':>7}"
-    print(f"shape {args.shape} {SHAPES[args.shape]}, batch 1, median of {args.runs} runs")
+    print(f"shape {args.shape} {SHAPES[args.shape]}, batch 1, median of {args.runs} runs per process, "
+          f"ratios: median over {args.rounds} rounds")
     print(header)
     for v, r in results.items():
         pre = " ".join(f"{r['prefill_tokens_per_s'][T]:13.1f} {r['prefill_vs_fp32'][T]:7.2f}"
@@ -224,7 +253,8 @@ def main() -> None:
               f"{r['weights_mib']:12.1f} {r['weights_vs_fp16']:7.2f}")
     if args.json:
         args.json.write_text(json.dumps({"shape": args.shape, "config": SHAPES[args.shape], "seed": args.seed,
-                                         "runs": args.runs, "results": results}, indent=2, sort_keys=True) + "\n")
+                                         "runs": args.runs, "rounds": args.rounds,
+                                         "results": results}, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
