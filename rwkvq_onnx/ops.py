@@ -18,9 +18,12 @@ tested against.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .quant.formats import ElementwiseQuantized, VectorQuantized
+if TYPE_CHECKING:  # the runtime needs these ops without the quantizers (and torch) behind rwkvq_onnx.quant
+    from .quant.formats import ElementwiseQuantized, VectorQuantized
 
 DOMAIN = "rwkvq"
 OPSET_VERSION = 1

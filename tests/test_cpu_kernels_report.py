@@ -175,3 +175,12 @@ def test_bench_tool_reports_per_round_ratios_on_the_tiny_shape(tmp_path):
     # fewer bytes: the quantized linear weights, then also the int8 embedding and 4-bit head
     assert res["rwkvquant-eh4"]["weights_mib"] < res["rwkvquant"]["weights_mib"] < res["fp32"]["weights_mib"]
     assert res["rwkvquant-eh4"]["disk_vs_fp32"] < res["rwkvquant"]["disk_vs_fp32"] < 1
+
+
+def test_running_a_model_does_not_import_torch():
+    """Sessions with the native ops registered need onnxruntime and numpy only: torch would add about 190 MiB
+    to every deployed process's RSS. (The onnxruntime-extensions fallback imports torch by itself.)"""
+    code = ("import sys\nfrom rwkvq_onnx.runtime import RwkvSession, session_options\n"
+            "session_options()\nassert 'torch' not in sys.modules, 'torch imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
