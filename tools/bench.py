@@ -130,6 +130,8 @@ def weight_bytes(model: Path) -> int:
 
 
 def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -> dict[str, Path]:
+    """Model files of the variants (made once, reused from workdir); a derived variant's source is made too
+    but measured only when asked for."""
     from rwkvq_onnx.export import export
     from rwkvq_onnx.synthetic import synthetic_rwkv7, synthetic_rwkv7_config
 
@@ -137,6 +139,9 @@ def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -
     config = synthetic_rwkv7_config(n_layer, n_embd, vocab)
     sd = None
     paths = {}
+    wanted = list(variants)
+    variants = wanted + [DERIVED[v][0] for v in wanted if v in DERIVED and DERIVED[v][0] not in wanted]
+    variants.sort(key=lambda v: v in DERIVED)  # sources first
     for v in [v for v in variants if v not in QUANTIZED and v not in DERIVED]:
         path = workdir / f"{shape}-{v}.onnx"
         if not path.exists():
@@ -145,8 +150,6 @@ def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -
             export(config, sd, path, mode="both", fp16=(v == "fp16"))
         paths[v] = path
     for v in [v for v in variants if v in QUANTIZED or v in DERIVED]:
-        if v in DERIVED and DERIVED[v][0] not in paths:
-            raise SystemExit(f"variant {v} needs {DERIVED[v][0]} in --variants")
         path = workdir / f"{shape}-{v}.onnx"
         if v in DERIVED:
             if not path.exists():
@@ -167,7 +170,7 @@ def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -
                            log=lambda *a: print(*a, file=sys.stderr))
             print(f"  quantize took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         paths[v] = path
-    return paths
+    return {v: paths[v] for v in wanted}
 
 
 def summarize(rounds: list[dict[str, dict]], weights_mib: dict[str, float]) -> dict[str, dict]:
