@@ -212,19 +212,24 @@ int rwkvq_vq_gemv_chunk(const float* x, int M, const uint8_t* codes, int row_byt
     return 0;
 }
 
+/* All pieces of a split kernel, over OpenMP threads; a single piece runs on the calling thread, since entering
+ * an OpenMP region costs more than a small matrix's work. Returns 0, or -1 when scratch memory ran out. */
+static int run_chunks(rwkvq_chunk_fn run, int chunks, const float* x, int M, const uint8_t* codes, int row_bytes,
+                      const int8_t* books, const float* scales, float* y, int N, int K, int dim, int group_rows,
+                      int group_cols, int bits) {
+    if (chunks == 1) return run(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits, 0, 1);
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : failed)
+    for (int c = 0; c < chunks; ++c)
+        failed |= run(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits, c, chunks) != 0;
+    return failed ? -1 : 0;
+}
+
 /* y[M, N] = x[M, K] @ W^T. Returns 0, or -1 when scratch memory cannot be allocated. */
 int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
-    const int chunks = rwkvq_vq_gemv_chunks(N, K, M, group_rows);
-    if (chunks == 1) /* no OpenMP region at all for small matrices: entering one costs more than the work */
-        return rwkvq_vq_gemv_chunk(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols,
-                                   bits, 0, 1);
-    int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
-    for (int c = 0; c < chunks; ++c)
-        failed |= rwkvq_vq_gemv_chunk(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols,
-                                      bits, c, chunks) != 0;
-    return failed ? -1 : 0;
+    return run_chunks(rwkvq_vq_gemv_chunk, rwkvq_vq_gemv_chunks(N, K, M, group_rows), x, M, codes, row_bytes, books,
+                      scales, y, N, K, dim, group_rows, group_cols, bits);
 }
 
 /* Rows [n0, n1) of W into out [(n1 - n0), K]; table holds C codebooks, idx n_codes ints (caller's scratch). */
@@ -409,20 +414,24 @@ int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_byt
  * K-major, and every activation row runs past them, so W is decoded once per call and never held in full. */
 int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
-    const int chunks = rwkvq_vq_gemm_chunks(N);
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic) reduction(| : failed)
-    for (int c = 0; c < chunks; ++c)
-        failed |= rwkvq_vq_gemm_chunk(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols,
-                                      bits, c, chunks) != 0;
-    return failed ? -1 : 0;
+    return run_chunks(rwkvq_vq_gemm_chunk, rwkvq_vq_gemm_chunks(N), x, M, codes, row_bytes, books, scales, y, N, K,
+                      dim, group_rows, group_cols, bits);
+}
+
+rwkvq_chunk_fn rwkvq_vq_matmul_plan(int M, int N, int K, int group_rows, int* chunks) {
+    if (M <= RWKVQ_GEMV_MAX_ROWS) {
+        *chunks = rwkvq_vq_gemv_chunks(N, K, M, group_rows);
+        return rwkvq_vq_gemv_chunk;
+    }
+    *chunks = rwkvq_vq_gemm_chunks(N);
+    return rwkvq_vq_gemm_chunk;
 }
 
 int rwkvq_vq_matmul(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                     const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
-    if (M <= RWKVQ_GEMV_MAX_ROWS)
-        return rwkvq_vq_gemv(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits);
-    return rwkvq_vq_gemm(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits);
+    int chunks;
+    const rwkvq_chunk_fn run = rwkvq_vq_matmul_plan(M, N, K, group_rows, &chunks);
+    return run_chunks(run, chunks, x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits);
 }
 
 void rwkvq_decode_vector(const uint8_t* codes, int n_bytes, int bits, const float* book, float* v, int n) {

@@ -178,11 +178,9 @@ typedef struct {
 
 /* One call of VQMatMul split into pieces for onnxruntime's intra-op pool: GEMV pieces for decode, GEMM panels
  * for prefill (the same split the OpenMP entry points use). */
-typedef int (*ChunkFn)(const float*, int, const uint8_t*, int, const int8_t*, const float*, float*, int, int, int, int,
-                       int, int, int, int);
 typedef struct {
     const VQMatMulKernel* k;
-    ChunkFn run;
+    rwkvq_chunk_fn run;
     const float* x;
     int M, row_bytes, chunks;
     const uint8_t* codes;
@@ -242,10 +240,9 @@ static OrtStatus* vq_matmul_compute(void* kernel, void* ctx) {
     if (M == 0) return NULL;
     if (k->parallel_for) {
         /* the pieces run on onnxruntime's intra-op threads, the same ones its own kernels use: one pool */
-        const int gemv = M <= RWKVQ_GEMV_MAX_ROWS;
-        VQMatMulJob job = {k, gemv ? rwkvq_vq_gemv_chunk : rwkvq_vq_gemm_chunk, (const float*)x.data, (int)M, row_bytes,
-                           gemv ? rwkvq_vq_gemv_chunks(k->N, k->K, (int)M, k->group_rows) : rwkvq_vq_gemm_chunks(k->N),
-                           (const uint8_t*)codes.data, (const int8_t*)books.data, (const float*)scales.data, y, 0};
+        VQMatMulJob job = {k, NULL, (const float*)x.data, (int)M, row_bytes, 0, (const uint8_t*)codes.data,
+                           (const int8_t*)books.data, (const float*)scales.data, y, 0};
+        job.run = rwkvq_vq_matmul_plan(job.M, k->N, k->K, k->group_rows, &job.chunks);
         if (job.chunks == 1)
             vq_matmul_piece(&job, 0);
         else

@@ -28,6 +28,13 @@ int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_byt
                         int bits, int chunk, int chunks);
 int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
+/* A piece of a split kernel (rwkvq_vq_gemv_chunk or rwkvq_vq_gemm_chunk). */
+typedef int (*rwkvq_chunk_fn)(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
+                              const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
+                              int bits, int chunk, int chunks);
+/* What rwkvq_vq_matmul runs for M activation rows: the piece function (GEMV up to RWKVQ_GEMV_MAX_ROWS rows, else
+ * GEMM) and, in *chunks, how many pieces; for callers that bring their own thread pool. */
+rwkvq_chunk_fn rwkvq_vq_matmul_plan(int M, int N, int K, int group_rows, int* chunks);
 int rwkvq_vq_decode(const uint8_t* codes, int row_bytes, const int8_t* books, const float* scales, float* w, int N,
                     int K, int dim, int group_rows, int group_cols, int bits);
 /* v[j] = book[index j of the bit stream codes (n_bytes long)], j < n */
