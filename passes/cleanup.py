@@ -7,7 +7,7 @@ import onnx
 
 from rwkvq_onnx.graph import remove_unused
 
-from .base import PassResult, QuantState
+from .base import PassResult
 
 
 @dataclass
@@ -15,7 +15,7 @@ class Cleanup:
     check: bool = True
     name: str = "cleanup"
 
-    def __call__(self, model: onnx.ModelProto, state: QuantState | None = None) -> PassResult:
+    def __call__(self, model: onnx.ModelProto, payloads=None) -> PassResult:
         nodes, inits = remove_unused(model)
         if self.check:
             size = sum(len(t.raw_data) for t in model.graph.initializer)

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from rwkvq_onnx import ops
 from rwkvq_onnx.graph import get_initializer, remove_unused
 
-from .base import PassResult, QuantState
+from .base import PassResult
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -30,7 +30,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 class LowerVQ:
     name: str = "lower-vq"
 
-    def __call__(self, model: onnx.ModelProto, state: QuantState | None = None) -> PassResult:
+    def __call__(self, model: onnx.ModelProto, payloads=None) -> PassResult:
         result = PassResult(self.name)
         nodes = []
         for node in model.graph.node:

@@ -25,7 +25,7 @@ from rwkvq_onnx.graph import ensure_opset
 from rwkvq_onnx.quant import ScalarConfig
 from rwkvq_onnx.quant.scalar import rtn_quantize
 
-from .base import PassResult, QuantState
+from .base import PassResult
 from .rewrite_scalar import matmulnbits_initializers
 
 EMBEDDING, HEAD = "emb.weight", "head.weight"
@@ -57,7 +57,7 @@ class QuantizeEmbeddingHead:
         if self.head_accuracy_level not in (0, 4):
             raise ConfigError(f"--head-accuracy-level must be 0 or 4, got {self.head_accuracy_level}")
 
-    def __call__(self, model: onnx.ModelProto, state: QuantState | None = None) -> PassResult:
+    def __call__(self, model: onnx.ModelProto, payloads=None) -> PassResult:
         result = PassResult(self.name)
         inits = {t.name: t for t in model.graph.initializer}
         new_nodes: list[onnx.NodeProto] = []

@@ -14,7 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from rwkvq_onnx import ops
 from rwkvq_onnx.graph import consumers, ensure_opset, get_initializer, set_initializer
 
-from .base import PassResult, QuantState
+from rwkvq_onnx.quant.formats import Payloads
+
+from .base import PassResult
 
 
 @dataclass
@@ -22,12 +24,12 @@ class RewriteElementwise:
     fold: bool = False
     name: str = "rewrite-elementwise"
 
-    def __call__(self, model: onnx.ModelProto, state: QuantState) -> PassResult:
+    def __call__(self, model: onnx.ModelProto, payloads: Payloads) -> PassResult:
         result = PassResult(self.name)
         users = consumers(model)
         inits = {t.name: t for t in model.graph.initializer}
         replace: dict[int, onnx.NodeProto] = {}
-        for name, q in state.elementwise_payloads.items():
+        for name, q in payloads.elementwise.items():
             if name not in inits:
                 continue
             orig = get_initializer(model, name)

@@ -22,7 +22,9 @@ from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.graph import ensure_opset, get_initializer
 from rwkvq_onnx.quant import ScalarQuantized
 
-from .base import PassResult, QuantState, rewrite_weight_matmuls
+from rwkvq_onnx.quant.formats import Payloads
+
+from .base import PassResult, rewrite_weight_matmuls
 
 FORMATS = ("qdq", "matmulnbits")
 
@@ -89,11 +91,11 @@ class RewriteScalar:
     format: str = "qdq"
     name: str = "rewrite-scalar"
 
-    def __call__(self, model: onnx.ModelProto, state: QuantState) -> PassResult:
+    def __call__(self, model: onnx.ModelProto, payloads: Payloads) -> PassResult:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown --sq-format '{self.format}' (choose from {', '.join(FORMATS)})")
         result = PassResult(self.name)
-        targets = {n: q for n, q in state.payloads.items() if isinstance(q, ScalarQuantized)}
+        targets = {n: q for n, q in payloads.linear.items() if isinstance(q, ScalarQuantized)}
         inits = {t.name: t for t in model.graph.initializer}
 
         def replace(node: onnx.NodeProto, w: str) -> list[onnx.NodeProto]:
@@ -101,8 +103,8 @@ class RewriteScalar:
             dtype = numpy_helper.to_array(inits[w]).dtype
             x = node.input[0]
             nodes = []
-            if w in state.input_scales:
-                inv = numpy_helper.from_array((1.0 / state.input_scales[w]).astype(dtype), w + "_awq_inv_scale")
+            if w in payloads.input_scales:
+                inv = numpy_helper.from_array((1.0 / payloads.input_scales[w]).astype(dtype), w + "_awq_inv_scale")
                 model.graph.initializer.append(inv)
                 nodes.append(helper.make_node("Mul", [x, inv.name], [w + "_awq_in"], name=w + "_awq_mul"))
                 x = w + "_awq_in"

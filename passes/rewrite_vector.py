@@ -18,16 +18,18 @@ from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.graph import ensure_opset
 from rwkvq_onnx.quant import VectorQuantized
 
-from .base import PassResult, QuantState, rewrite_weight_matmuls
+from rwkvq_onnx.quant.formats import Payloads
+
+from .base import PassResult, rewrite_weight_matmuls
 
 
 @dataclass
 class RewriteVector:
     name: str = "rewrite-vector"
 
-    def __call__(self, model: onnx.ModelProto, state: QuantState) -> PassResult:
+    def __call__(self, model: onnx.ModelProto, payloads: Payloads) -> PassResult:
         result = PassResult(self.name)
-        targets = {n: q for n, q in state.payloads.items() if isinstance(q, VectorQuantized)}
+        targets = {n: q for n, q in payloads.linear.items() if isinstance(q, VectorQuantized)}
         inits = {t.name: t for t in model.graph.initializer}
 
         def replace(node: onnx.NodeProto, w: str) -> list[onnx.NodeProto]:

@@ -23,16 +23,13 @@ from .errors import ConfigError
 from .export import read_config, save_model, step_path
 from .graph import RWKVQ_OPS_KEY, rwkvq_ops
 from .passes.base import PassResult, QuantState
-from .passes.cleanup import Cleanup
-from .passes.lower_vq import LowerVQ
+from .passes.pipeline import LoweringOptions, lower_payloads
 from .passes.quantize_elementwise import QuantizeElementwise
 from .passes.quantize_embedding_head import QuantizeEmbeddingHead
 from .passes.quantize_weights import QuantizeWeights
-from .passes.rewrite_elementwise import RewriteElementwise
-from .passes.rewrite_scalar import RewriteScalar
-from .passes.rewrite_vector import RewriteVector
 from .passes.select_methods import POLICIES, SelectMethods
 from .quant import METHODS, ElementwiseConfig, GPTQConfig, VQConfig, model_bpw
+from .quant.formats import Payloads
 from .tokenizers import get_tokenizer
 
 
@@ -107,15 +104,10 @@ def compute_passes(opts: QuantizeOptions) -> tuple:
     return tuple(passes)
 
 
-def rewrite_passes(opts: QuantizeOptions) -> tuple:
-    """Passes that write the payloads into a graph (run on the sequence and the step graph alike)."""
-    passes = [RewriteScalar(opts.sq_format), RewriteVector(), RewriteElementwise(fold=opts.fold_elementwise)]
-    if opts.embedding_bits or opts.head_bits:
-        passes.append(QuantizeEmbeddingHead(opts.embedding_bits, opts.head_bits, opts.head_accuracy_level))
-    if opts.lower_vq:
-        passes.append(LowerVQ())
-    passes.append(Cleanup())
-    return tuple(passes)
+def lowering_options(opts: QuantizeOptions) -> LoweringOptions:
+    """How the payloads are written into the graphs."""
+    return LoweringOptions(opts.sq_format, opts.fold_elementwise, opts.lower_vq, opts.embedding_bits,
+                           opts.head_bits, opts.head_accuracy_level)
 
 
 def _linear_weights(model: onnx.ModelProto, state: QuantState) -> None:
@@ -226,12 +218,9 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
     if sibling.is_file():
         graphs.append((onnx.load(sibling), step_path(out_path)))
     meta = {"method": opts.method, "bpw": model_bpw(state.payloads), "options": _options_json(opts)}
+    payloads = Payloads(state.payloads, state.input_scales, state.elementwise_payloads)
+    results.extend(lower_payloads([g for g, _ in graphs], payloads, lowering_options(opts), log=log))
     for g, _ in graphs:
-        for p in rewrite_passes(opts):
-            r = p(g, state)
-            if g is model:
-                results.append(r)
-                log(r.line())
         onnx.helper.set_model_props(g, {**{p.key: p.value for p in g.metadata_props},
                                         "rwkvq.quantization": json.dumps(meta, sort_keys=True),
                                         RWKVQ_OPS_KEY: rwkvq_ops(g)})

@@ -188,8 +188,8 @@ _VQElementwiseRef.__name__ = "VQElementwise"
 
 @pytest.mark.parametrize("dim,bits,rows", [(1, 3, 5), (2, 3, 16), (4, 2, 8)])
 def test_custom_op_lowering_and_numpy_reference_agree(tmp_path, dim, bits, rows):
-    from rwkvq_onnx.passes.base import QuantState
     from rwkvq_onnx.passes.lower_vq import LowerVQ
+    from rwkvq_onnx.quant.formats import Payloads
     from rwkvq_onnx.passes.rewrite_elementwise import RewriteElementwise
     from rwkvq_onnx.passes.rewrite_vector import RewriteVector
 
@@ -207,7 +207,7 @@ def test_custom_op_lowering_and_numpy_reference_agree(tmp_path, dim, bits, rows)
                               initializer=[numpy_helper.from_array(w.T.copy(), "blocks.0.att.key.weight"),
                                            numpy_helper.from_array(vec, "blocks.0.att.x_r")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    state = QuantState(payloads={"blocks.0.att.key.weight": q}, elementwise_payloads={"blocks.0.att.x_r": eq})
+    state = Payloads(linear={"blocks.0.att.key.weight": q}, elementwise={"blocks.0.att.x_r": eq})
     assert RewriteVector()(model, state).counts == {"vq_matmul": 1}
     assert RewriteElementwise()(model, state).counts == {"vq_elementwise": 1}
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
@@ -224,8 +224,8 @@ def test_custom_op_lowering_and_numpy_reference_agree(tmp_path, dim, bits, rows)
 
 
 def test_rewrite_scalar_qdq_and_matmulnbits_are_exact(tmp_path):
-    from rwkvq_onnx.passes.base import QuantState
     from rwkvq_onnx.passes.rewrite_scalar import RewriteScalar
+    from rwkvq_onnx.quant.formats import Payloads
 
     rng = np.random.default_rng(0)
     n, k = 48, 128
@@ -239,7 +239,7 @@ def test_rewrite_scalar_qdq_and_matmulnbits_are_exact(tmp_path):
                                       [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])],
                                       initializer=[numpy_helper.from_array(w.T.copy(), "blocks.0.ffn.key.weight")])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-            res = RewriteScalar(fmt)(model, QuantState(payloads={"blocks.0.ffn.key.weight": q}))
+            res = RewriteScalar(fmt)(model, Payloads(linear={"blocks.0.ffn.key.weight": q}))
             assert sum(res.counts.values()) == 1
             onnx.checker.check_model(model)
             x = rng.standard_normal((1, k)).astype(np.float32)

@@ -11,7 +11,7 @@ of each packed array to whole bytes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -200,3 +200,18 @@ def model_bpw(payloads: dict[str, Quantized]) -> float:
     """Weight-count-weighted mean bpw over quantized tensors."""
     n = sum(numel(q) for q in payloads.values())
     return sum(total_bits(q) for q in payloads.values()) / n if n else 0.0
+
+
+@dataclass(frozen=True)
+class Payloads:
+    """What applying a quantization plan produces and what graph passes lower: the contract between
+    `rwkvq_onnx.quant` (policy and algorithms) and `rwkvq_onnx.passes` (graph lowering).
+
+    linear: weight name (checkpoint key) -> scalar or vector payload, [N out, K in] layout;
+    input_scales: weight name -> AWQ per-input-channel scales (the MatMul input is divided by them);
+    elementwise: vector name -> element-wise codebook payload.
+    """
+
+    linear: dict[str, "ScalarQuantized | VectorQuantized"] = field(default_factory=dict)
+    input_scales: dict[str, np.ndarray] = field(default_factory=dict)
+    elementwise: dict[str, "ElementwiseQuantized"] = field(default_factory=dict)
