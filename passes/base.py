@@ -5,7 +5,8 @@ A pass is an object with
     requires  tuple of str         the payload kinds it lowers ("scalar", "vector", "elementwise"); a pass
                                    whose kinds are all absent has nothing to do and is not run. Empty:
                                    the pass always runs (its own options decide).
-    domains   dict[str, int]       the operator-set domains it may add to a graph (with their versions)
+    domains   dict[str, int]       the custom operator-set domains it manages (adds or removes), with their
+                                   versions: after the passes, a graph imports each exactly when a node uses it
     run(graph, payloads) -> PassResult   the rewrite, on an onnx-graphsurgeon Graph, in place
 and optionally `after_export(model)` (checks that need the exported ModelProto).
 
@@ -36,11 +37,9 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from rwkvq_onnx.calibration import CalibrationStats, ElementwiseTarget, LinearTarget
-from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
 from rwkvq_onnx.quant import ElementwiseQuantized, PlanEntry, ScalarQuantized, VectorQuantized
 from rwkvq_onnx.quant.formats import Payloads
 
-MANAGED_DOMAINS = {DOMAIN: OPSET_VERSION, "com.microsoft": 1}  # custom domains the passes add and remove
 CHECK_LIMIT_BYTES = 1_800_000_000  # onnx's checker and shape inference need the model under protobuf's 2 GB
 
 
@@ -110,7 +109,7 @@ class Pass:
         """Run this pass alone on `model`, in place (the pipeline imports a graph once for all passes)."""
         graph = import_graph(model)
         result = self.run(graph, payloads if payloads is not None else Payloads())
-        export_into(graph, model)
+        export_into(graph, model, self.domains)
         self.after_export(model)
         return result
 
@@ -174,11 +173,11 @@ def _subgraphs(graph: onnx.GraphProto):
                 yield from _subgraphs(sub)
 
 
-def export_into(graph: gs.Graph, model: onnx.ModelProto) -> None:
+def export_into(graph: gs.Graph, model: onnx.ModelProto, domains: dict[str, int]) -> None:
     """Export `graph` into `model` in place: graph and operator sets replaced, metadata and IR version kept.
 
     Initializers of the original main graph that graphsurgeon copied into subgraphs go back to the main
-    graph, once. Custom domains the passes manage are imported exactly when a node uses them.
+    graph, once. Each of `domains` (the passes' managed domains) is imported exactly when a node uses it.
     """
     outer = {t.name for t in model.graph.initializer}  # model is still the original here
     exported = gs.export_onnx(graph, do_type_check=False)
@@ -196,8 +195,8 @@ def export_into(graph: gs.Graph, model: onnx.ModelProto) -> None:
             del sub.initializer[:]
             sub.initializer.extend(keep)
     used = {n.domain for n in exported.graph.node} | {n.domain for s in _subgraphs(exported.graph) for n in s.node}
-    opsets = [o for o in exported.opset_import if o.domain not in MANAGED_DOMAINS]
-    opsets += [onnx.helper.make_opsetid(d, v) for d, v in MANAGED_DOMAINS.items() if d in used]
+    opsets = [o for o in exported.opset_import if o.domain not in domains]
+    opsets += [onnx.helper.make_opsetid(d, v) for d, v in domains.items() if d in used]
     model.graph.CopyFrom(exported.graph)
     del model.opset_import[:]
     model.opset_import.extend(opsets)

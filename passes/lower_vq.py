@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from rwkvq_onnx.names import DOMAIN
+from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
 from rwkvq_onnx.opspec import vq_elementwise, vq_matmul
 from rwkvq_onnx.quant.formats import Payloads
 
@@ -23,7 +23,7 @@ SPECS = {spec.OP_TYPE: spec for spec in (vq_matmul, vq_elementwise)}
 
 class LowerVQ(Pass):
     name = "lower-vq"
-    domains = {}
+    domains = {DOMAIN: OPSET_VERSION}  # removed once nothing uses it
     phrases = {op: "lowered {n} " + spec.QUALIFIED + " to standard ops" for op, spec in SPECS.items()}
 
     def __init__(self, enabled: bool = True) -> None:

@@ -54,7 +54,7 @@ def run_passes(model: onnx.ModelProto, passes: tuple[GraphPass, ...], payloads: 
     """Run `passes` in order over one model (in place): one import, one export, then each pass's checks."""
     graph = import_graph(model)
     results = [p.run(graph, payloads) if is_needed(p, payloads) else PassResult(p.name) for p in passes]
-    export_into(graph, model)
+    export_into(graph, model, {d: v for p in passes for d, v in p.domains.items()})
     for p in passes:
         getattr(p, "after_export", lambda m: None)(model)
     return results
