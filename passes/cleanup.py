@@ -1,12 +1,16 @@
 """Pass: drop what the rewrites left unused (subgraph reads count as uses), then prove the graph valid.
 
-The validity check (shape inference with type checks + the ONNX checker) runs
-on the exported model, in `after_export`.
+Every `rwkvq` node is checked against its op spec (attributes against the
+constant inputs' shapes and dtypes); shape inference with type checks and the
+ONNX checker run on the exported model, in `after_export`.
 """
 from __future__ import annotations
 
 import onnx
 import onnx_graphsurgeon as gs
+
+from rwkvq_onnx.names import DOMAIN
+from rwkvq_onnx.opspec import SPECS
 
 from .base import Pass, PassResult, check_model, constants
 
@@ -23,6 +27,10 @@ class Cleanup(Pass):
         nodes, inits = len(graph.nodes), len(constants(graph))
         # graph inputs stay (a session feeds every declared input); constants a Scan body reads stay
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
+        if self.check:
+            for node in graph.nodes:
+                if node.domain == DOMAIN and node.op in SPECS:
+                    SPECS[node.op].validate(node.attrs, *node.inputs[1:], node=node.name)
         return PassResult(self.name, {"nodes": nodes - len(graph.nodes), "initializers": inits - len(constants(graph))},
                           phrases=self.phrases)
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
-from rwkvq_onnx.opspec import vq_elementwise, vq_matmul
+from rwkvq_onnx.opspec import SPECS
 from rwkvq_onnx.quant.formats import Payloads
 
 from .base import Pass, PassResult, replace_nodes
-
-SPECS = {spec.OP_TYPE: spec for spec in (vq_matmul, vq_elementwise)}
 
 
 class LowerVQ(Pass):

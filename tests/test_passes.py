@@ -156,3 +156,13 @@ def test_pass_result_lines_read_as_sentences():
                                                  "b": "group size 48 is not a power of two"},
                    phrases={"qdq": "rewrote {n} MatMuls to QDQ"})
     assert r.line() == "rewrite-scalar: rewrote 2 MatMuls to QDQ; 2 weights: group size 48 is not a power of two"
+
+
+def test_cleanup_refuses_an_rwkvq_node_whose_attributes_disagree_with_its_inputs(tiny):
+    config, sd = tiny
+    model = build_graph(config, sd, step=True)
+    lower_payloads([model], _payloads(sd), LoweringOptions())
+    node = next(n for n in model.graph.node if n.op_type == "VQMatMul")
+    next(a for a in node.attribute if a.name == "group_rows").i = 16  # codebooks were built for 32 rows
+    with pytest.raises(ConfigError, match=f"rwkvq.VQMatMul node '{node.name}': input codebooks has shape"):
+        Cleanup()(model)

@@ -149,6 +149,8 @@ def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
     """
     import onnx_graphsurgeon as gs
 
+    if not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
+        raise fail(node.name, QUALIFIED, "lowering needs constant codes and codebooks")
     x, codes, codebook = node.inputs
     a = validate(node.attrs, codes, codebook, node=node.name)
     index = gs.Constant(prefix + "_index", indices(a, codes.values).astype(np.int32))

@@ -162,6 +162,8 @@ def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
     """
     import onnx_graphsurgeon as gs
 
+    if not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
+        raise fail(node.name, QUALIFIED, "lowering needs constant codes and codebooks")
     x, codes, codebooks, scales = node.inputs
     a = validate(node.attrs, codes, codebooks, scales, node=node.name)
     table = gs.Constant(prefix + "_table", decoded_table(codebooks.values, scales.values))
