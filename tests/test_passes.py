@@ -166,3 +166,12 @@ def test_cleanup_refuses_an_rwkvq_node_whose_attributes_disagree_with_its_inputs
     next(a for a in node.attribute if a.name == "group_rows").i = 16  # codebooks were built for 32 rows
     with pytest.raises(ConfigError, match=f"rwkvq.VQMatMul node '{node.name}': input codebooks has shape"):
         Cleanup()(model)
+
+
+def test_cleanup_counts_the_weights_the_rewrites_replaced(tiny):
+    config, sd = tiny
+    model = build_graph(config, sd, step=True)
+    results = {r.name: r for r in lower_payloads([model], _payloads(sd), LoweringOptions())}
+    # the two linear weights and the element-wise vector are no longer initializers
+    assert results["cleanup"].counts["initializers"] == 3
+    assert results["cleanup"].line() == "cleanup: removed 3 unused initializers"
