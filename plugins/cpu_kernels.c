@@ -121,6 +121,15 @@ const char* rwkvq_ew_check_layout(int64_t bits, int64_t n, char* msg, size_t cap
     return NULL;
 }
 
+const char* rwkvq_ew_check_payload(int64_t bits, int64_t n, int codes_rank, const int64_t* codes_dims, int book_rank,
+                                   const int64_t* book_dims, char* msg, size_t cap) {
+    const char* bad = rwkvq_ew_check_layout(bits, n, msg, cap);
+    if (bad) return bad;
+    const int64_t codes[1] = {ceil_div(n * bits, 8)}, book[1] = {(int64_t)1 << bits};
+    if ((bad = expect_shape("codes", codes_rank, codes_dims, 1, codes, msg, cap))) return bad;
+    return expect_shape("codebook", book_rank, book_dims, 1, book, msg, cap);
+}
+
 /* The int arguments of a kernel entry point: a valid layout, row_bytes its own, M >= 0. */
 static int sizes_ok(int M, int row_bytes, int N, int K, int dim, int group_rows, int group_cols, int bits) {
     char msg[160];

@@ -263,7 +263,7 @@ static OrtStatus* attr_int(const OrtFn* api, const NodeLabel* node, const void* 
     if (!st) return NULL;
     release(api, st);
     char problem[96];
-    snprintf(problem, sizeof problem, "missing int attribute '%s'", name);
+    snprintf(problem, sizeof problem, "attribute '%s' is missing or not an integer", name);
     return refuse(api, ORT_INVALID_ARGUMENT, node, problem);
 }
 
@@ -420,7 +420,7 @@ static OrtStatus* vq_elementwise_create(const OrtCustomOpABI* op, const OrtFn* a
                                                                                                 &size);
     if (st) {
         release(api, st);
-        return refuse(api, ORT_INVALID_ARGUMENT, &k.node, "missing string attribute 'shape'");
+        return refuse(api, ORT_INVALID_ARGUMENT, &k.node, "attribute 'shape' is missing or not a string");
     }
     char* text = (char*)malloc(size + 1);
     if (!text) return refuse(api, ORT_FAIL, &k.node, "out of memory");
@@ -453,11 +453,10 @@ static OrtStatus* vq_elementwise_compute(void* kernel, void* ctx) {
     TRY(input(api, node, ctx, 0, "the input", T_FLOAT, &x));
     TRY(input(api, node, ctx, 1, "codes", T_UINT8, &codes));
     TRY(input(api, node, ctx, 2, "codebook", T_FLOAT, &book));
-    const int64_t code_bytes = (k->n * k->bits + 7) / 8; /* no overflow: rwkvq_ew_check_layout bounds n * bits */
-    if (codes.rank != 1 || codes.numel != code_bytes)
-        return refusef(api, node, "codes must be a vector of %lld bytes, got %lld", code_bytes, codes.numel);
-    if (book.rank != 1 || book.numel != (1LL << k->bits))
-        return refusef(api, node, "codebook must be a vector of %lld values, got %lld", 1LL << k->bits, book.numel);
+    char problem[320];
+    if (rwkvq_ew_check_payload(k->bits, k->n, (int)codes.rank, codes.dims, (int)book.rank, book.dims, problem,
+                               sizeof problem))
+        return refuse(api, ORT_INVALID_ARGUMENT, node, problem);
     /* y = x * v with numpy broadcasting, for v whose non-1 dimensions are x's trailing dimensions */
     int lead = 0;
     while (lead < k->rank && k->shape[lead] == 1) ++lead;

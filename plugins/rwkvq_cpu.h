@@ -27,6 +27,9 @@ const char* rwkvq_vq_check_payload(int64_t N, int64_t K, int64_t dim, int64_t gr
 const char* rwkvq_vq_check_rows(int64_t K, int x_rank, const int64_t* x_dims, int64_t* rows, char* msg, size_t cap);
 /* VQElementwise: index_bits in [1, 16], a vector of n >= 1 values whose bit stream stays within int range. */
 const char* rwkvq_ew_check_layout(int64_t bits, int64_t n, char* msg, size_t cap);
+/* ... and its inputs: codes [ceil(n * bits / 8)] bytes, codebook [2^bits] values. */
+const char* rwkvq_ew_check_payload(int64_t bits, int64_t n, int codes_rank, const int64_t* codes_dims, int book_rank,
+                                   const int64_t* book_dims, char* msg, size_t cap);
 
 /* Status codes of the entry points below. */
 enum { RWKVQ_OK = 0, RWKVQ_NO_MEMORY = -1, RWKVQ_BAD_SIZES = -2 };
