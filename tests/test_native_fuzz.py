@@ -32,13 +32,15 @@ SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "Undef
 
 @dataclass
 class Mutant:
-    """One model: a single rwkvq node named NODE over input x, its attributes and initializers, and the x fed."""
+    """One model: a single rwkvq node named NODE over input x, its attributes and initializers, and the x fed.
+    With as_inputs the payload is fed as graph inputs instead: only known at compute, not at kernel creation."""
 
     label: str
     op: str
     attrs: dict
     inits: dict[str, np.ndarray]
     xs: list[np.ndarray] = field(default_factory=list)
+    as_inputs: bool = False
 
 
 # ---- valid starting points -----------------------------------------------------------------------------------
@@ -115,6 +117,9 @@ def _shape_mutants(rng: np.random.Generator, op: str, attrs: dict, inits: dict[s
         for dtype in (np.int8, np.uint8, np.float16, np.float32, np.float64, np.int64):
             if np.dtype(dtype) != a.dtype:
                 out.append(Mutant(f"{name} as {np.dtype(dtype)}", op, attrs, {**inits, name: a.astype(dtype)}, xs))
+    # the same payloads fed at run time: the compute-time checks decide
+    out += [Mutant(f"{m.label}, fed as inputs", m.op, m.attrs, m.inits, m.xs, as_inputs=True) for m in list(out)]
+    out.append(Mutant("valid, fed as inputs", op, attrs, inits, xs, as_inputs=True))
     return out
 
 
@@ -218,9 +223,12 @@ def _model_bytes(m: Mutant) -> bytes:
 
     names = list(m.inits)
     node = helper.make_node(m.op, ["x", *names], ["y"], name=NODE, domain=ops.DOMAIN, **m.attrs)
-    graph = helper.make_graph([node], "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.asarray(a), n) for n, a in m.inits.items()])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    if m.as_inputs:
+        inputs += [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)
+                   for n, a in m.inits.items()]
+    graph = helper.make_graph([node], "fuzz", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [] if m.as_inputs else [numpy_helper.from_array(a, n) for n, a in m.inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
     return model.SerializeToString()
@@ -235,6 +243,8 @@ def run_mutants(mutants: list[Mutant], library: Path, folder: Path, env: dict | 
         (folder / f"m{i}.onnx").write_bytes(_model_bytes(m))
         for j, x in enumerate(m.xs):
             np.save(folder / f"x{i}_{j}.npy", x)
+        if m.as_inputs:
+            np.savez(folder / f"feeds{i}.npz", **m.inits)
     (folder / "count").write_text(str(len(mutants)))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(library), str(folder)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(folder))
@@ -256,10 +266,12 @@ def _child(library: str, folder: Path) -> None:
         except Exception as e:  # noqa: BLE001 - the message is the outcome
             report["session"] = str(e)
         else:
+            feeds = dict(np.load(folder / f"feeds{i}.npz")) if (folder / f"feeds{i}.npz").exists() else {}
             j = 0
             while (folder / f"x{i}_{j}.npy").exists():
                 try:
-                    np.save(folder / f"y{i}_{j}.npy", sess.run(None, {"x": np.load(folder / f"x{i}_{j}.npy")})[0])
+                    feeds["x"] = np.load(folder / f"x{i}_{j}.npy")
+                    np.save(folder / f"y{i}_{j}.npy", sess.run(None, feeds)[0])
                     report["runs"].append(None)
                 except Exception as e:  # noqa: BLE001
                     report["runs"].append(str(e))
