@@ -250,8 +250,9 @@ def run_mutants(mutants: list[Mutant], library: Path, folder: Path, env: dict | 
         (folder / f"m{i}.onnx").write_bytes(_model_bytes(m))
         for j, x in enumerate(m.xs):
             np.save(folder / f"x{i}_{j}.npy", x)
-        if m.as_inputs:
-            np.savez(folder / f"feeds{i}.npz", **m.inits)
+        np.savez(folder / f"p{i}.npz", **m.inits)
+        (folder / f"meta{i}.json").write_text(json.dumps({"as_inputs": m.as_inputs, "xs": len(m.xs),
+                                                           "ctypes": _ctypes_attrs(m)}))
     (folder / "count").write_text(str(len(mutants)))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(library), str(folder)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(folder))
@@ -259,12 +260,50 @@ def run_mutants(mutants: list[Mutant], library: Path, folder: Path, env: dict | 
     return reports, proc
 
 
+def _ctypes_attrs(m: Mutant) -> dict | None:
+    """The attributes to call the ctypes kernels with (VQMatMul initializer mutants whose six attributes are all
+    integers), else None."""
+    names = ("N", "K", "dim", "group_rows", "group_cols", "index_bits")
+    if m.op != "VQMatMul" or m.as_inputs or not all(isinstance(m.attrs.get(k), int) for k in names):
+        return None
+    return {k: m.attrs[k] for k in names}
+
+
+def _child_ctypes(library: str, folder: Path, i: int, n_xs: int, attrs: dict) -> dict:
+    """The mutant's payload through rwkvq_onnx.cpu_kernels bound to `library`: vq_matmul with each kernel and x,
+    and vq_decode; outputs saved, each call's error (or None) returned."""
+    from rwkvq_onnx import cpu_kernels
+    from rwkvq_onnx.errors import ConfigError
+
+    if cpu_kernels.library_path() != Path(library):  # this process's kernels are the library under test
+        cpu_kernels.library_path = lambda: Path(library)
+        cpu_kernels.library.cache_clear()
+    payload = np.load(folder / f"p{i}.npz")
+    arrays = [payload[k] for k in ("codes", "codebooks", "scales")]
+    outcome: dict = {}
+    calls = {"decode": lambda: cpu_kernels.vq_decode(*arrays, **attrs)}
+    for j in range(n_xs):  # "auto": the GEMV for the one-row x, the GEMM (OpenMP pieces) for the six-row one
+        x = np.load(folder / f"x{i}_{j}.npy")
+        calls[f"auto:{j}"] = lambda x=x: cpu_kernels.vq_matmul(x, *arrays, kernel="auto", **attrs)
+    for key, call in calls.items():
+        try:
+            np.save(folder / f"c{i}_{key}.npy", call())
+            outcome[key] = None
+        except ConfigError as e:
+            outcome[key] = str(e)
+    return outcome
+
+
 def _child(library: str, folder: Path) -> None:
-    """Each mutant through onnxruntime; one JSON line per mutant on stdout, flushed before the next starts."""
+    """Each mutant through onnxruntime (and VQMatMul payloads through the ctypes kernels); one JSON line per mutant
+    on stdout, flushed before the next starts."""
     import onnxruntime as ort
 
     for i in range(int((folder / "count").read_text())):
         report: dict = {"i": i, "session": None, "runs": []}
+        meta = json.loads((folder / f"meta{i}.json").read_text())
+        if meta["ctypes"] is not None:
+            report["ctypes"] = _child_ctypes(library, folder, i, meta["xs"], meta["ctypes"])
         try:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 2
@@ -273,26 +312,28 @@ def _child(library: str, folder: Path) -> None:
         except Exception as e:  # noqa: BLE001 - the message is the outcome
             report["session"] = str(e)
         else:
-            feeds = dict(np.load(folder / f"feeds{i}.npz")) if (folder / f"feeds{i}.npz").exists() else {}
-            j = 0
-            while (folder / f"x{i}_{j}.npy").exists():
+            feeds = dict(np.load(folder / f"p{i}.npz")) if meta["as_inputs"] else {}
+            for j in range(meta["xs"]):
                 try:
                     feeds["x"] = np.load(folder / f"x{i}_{j}.npy")
                     np.save(folder / f"y{i}_{j}.npy", sess.run(None, feeds)[0])
                     report["runs"].append(None)
                 except Exception as e:  # noqa: BLE001
                     report["runs"].append(str(e))
-                j += 1
         print(json.dumps(report), flush=True)
+
+
+def _assert_decodable(m: Mutant) -> None:
+    sizes = [m.attrs[k] for k in ("N", "K", "dim", "group_rows", "group_cols")]
+    assert all(isinstance(v, int) and 1 <= v <= 4096 for v in sizes) and 1 <= m.attrs["index_bits"] <= 12, \
+        f"{m.label}: ran with attributes the reference cannot even decode"
 
 
 def _reference(m: Mutant, x: np.ndarray) -> np.ndarray:
     from rwkvq_onnx import ops
 
     if m.op == "VQMatMul":
-        sizes = [m.attrs[k] for k in ("N", "K", "dim", "group_rows", "group_cols")]
-        assert all(isinstance(v, int) and 1 <= v <= 4096 for v in sizes) and 1 <= m.attrs["index_bits"] <= 12, \
-            f"{m.label}: ran with attributes the reference cannot even decode"
+        _assert_decodable(m)
         return ops.vq_matmul(x, m.inits["codes"], m.inits["codebooks"], m.inits["scales"], **m.attrs)
     dims = _parse_shape(str(m.attrs["shape"]))
     assert dims is not None, f"{m.label}: ran with a shape attribute that is not a list of positive integers"
@@ -327,6 +368,24 @@ def check_outcomes(mutants: list[Mutant], reports: list[dict], folder: Path) -> 
             assert got.shape == ref.shape, f"{m.label} (x {x.shape}): shape {got.shape}, reference {ref.shape}"
             scale = max(float(np.abs(ref).max(initial=0.0)), 1.0)
             assert np.abs(got - ref).max(initial=0.0) <= 1e-5 * scale, f"{m.label} (x {x.shape}): wrong numbers"
+            counts["ran"] += 1
+    for m, r in zip(mutants, reports):
+        for key, error in r.get("ctypes", {}).items():
+            if error is not None:  # the wrappers' one-line ConfigError
+                assert "\n" not in error and error.startswith("rwkvq.VQMatMul"), f"{m.label} ctypes {key}: {error!r}"
+                counts["refused"] += 1
+                continue
+            got = np.load(folder / f"c{r['i']}_{key}.npy")
+            if key == "decode":
+                from rwkvq_onnx import ops
+
+                _assert_decodable(m)
+                ref = ops.vq_weight(*(m.inits[k] for k in ("codes", "codebooks", "scales")), **m.attrs)
+            else:
+                ref = _reference(m, m.xs[int(key.split(":")[1])])
+            assert got.shape == ref.shape, f"{m.label} ctypes {key}: shape {got.shape}, reference {ref.shape}"
+            scale = max(float(np.abs(ref).max(initial=0.0)), 1.0)
+            assert np.abs(got - ref).max(initial=0.0) <= 1e-5 * scale, f"{m.label} ctypes {key}: wrong numbers"
             counts["ran"] += 1
     return counts
 
