@@ -11,6 +11,10 @@
  *   books  int8   [R, C, E, dim]    codebook of row block n / group_rows and column group col / group_cols
  *   scales float  [R, C]
  *   y      float  [M, N]            (rwkvq_vq_gemv)      W float [N, K] (rwkvq_vq_decode)
+ *
+ * The kernels index with int. Every exported entry point first checks its sizes against each other in 64-bit
+ * arithmetic (rwkvq_vq_check_layout and friends, below) and returns -2 instead of computing with sizes that
+ * would overflow an index, divide by zero or address past the buffers those sizes describe.
  */
 #include <limits.h>
 #include <stdint.h>
@@ -307,7 +311,7 @@ int rwkvq_vq_gemv_chunks(int N, int K, int M, int group_rows) {
     long long work;
     if (__builtin_mul_overflow((long long)N * K, (long long)M, &work)) work = LLONG_MAX;
     if (work < RWKVQ_PARALLEL_MIN_WORK) return 1;
-    const int blocks = (N + group_rows - 1) / group_rows;
+    const long long blocks = ((long long)N + group_rows - 1) / group_rows;
     long long chunks = work / (RWKVQ_PARALLEL_MIN_WORK / 2);
     if (chunks > 64) chunks = 64;
     return (int)(chunks < blocks ? chunks : blocks);
@@ -343,7 +347,7 @@ static int run_chunks(rwkvq_chunk_fn run, int chunks, const float* x, int M, con
     return failed ? -1 : 0;
 }
 
-/* y[M, N] = x[M, K] @ W^T. Returns 0, or -1 when scratch memory cannot be allocated. */
+/* y[M, N] = x[M, K] @ W^T. Returns 0, -1 when scratch memory cannot be allocated, -2 for sizes out of range. */
 int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
     if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits)) return RWKVQ_BAD_SIZES;
