@@ -398,7 +398,7 @@ def _sanitizer_runtime() -> tuple[str, str] | None:
     if cc is None:
         return None
     found = [subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-             for name in ("libasan.so", "libstdc++.so")]
+             for name in ("libasan.so", "libstdc++.so.6")]
     if not (os.path.isabs(found[0]) and Path(found[0]).exists()):
         return None
     return cc, " ".join(p for p in found if os.path.isabs(p) and Path(p).exists())
