@@ -5,8 +5,10 @@ Every attribute and every initializer shape of VQMatMul and VQElementwise is mut
 (boundary values 0, 1, odd, 2^31, 2^32, negative, mismatched; truncated codes; wrong dtypes; malformed attribute
 types). All mutants run in one subprocess through onnxruntime with an AddressSanitizer + UBSan build of the
 library (plugins/build_asan.sh, built here with gcc); the subprocess reports each mutant's outcome, and its
-stderr must hold no sanitizer report. The same subprocess runner checks that the normal library refuses the three
-models that crashed it before (heap overflow, SIGFPE, SIGSEGV).
+stderr must hold no sanitizer report. Each payload mutant runs twice: as initializers (checked when the kernel is
+created) and fed as graph inputs (checked at compute); VQMatMul payloads also go through the ctypes wrappers of
+rwkvq_onnx.cpu_kernels bound to the sanitized library (GEMV, OpenMP GEMM, decode). The same subprocess runner
+checks that the normal library refuses the three models that crashed it before (heap overflow, SIGFPE, SIGSEGV).
 
 Run as a script (`python tests/test_native_fuzz.py --child LIB DIR`) it is that subprocess.
 """
@@ -22,6 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from rwkvq_onnx import cpu_kernels, ops
+from rwkvq_onnx.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = "fuzz_target_node"
@@ -55,8 +61,6 @@ def _ceil(a: int, b: int) -> int:
 
 def _vq_payload(rng: np.random.Generator, N: int, K: int, dim: int, group_rows: int, group_cols: int,
                 index_bits: int) -> dict[str, np.ndarray]:
-    from rwkvq_onnx import ops
-
     R, C, E = _ceil(N, group_rows), _ceil(K, group_cols), 1 << index_bits
     return {"codes": ops.pack_rows(rng.integers(0, E, (N, K // dim)), index_bits),
             "codebooks": rng.integers(-127, 128, (R, C, E, dim)).astype(np.int8),
@@ -75,8 +79,6 @@ def _small_layout(attrs: dict) -> bool:
 
 
 def _ew_payload(rng: np.random.Generator, index_bits: int, n: int) -> dict[str, np.ndarray]:
-    from rwkvq_onnx import ops
-
     E = 1 << index_bits
     return {"codes": ops.pack_rows(rng.integers(0, E, (1, n)), index_bits)[0],
             "codebook": rng.standard_normal(E).astype(np.float32)}
@@ -226,8 +228,6 @@ def vq_elementwise_mutants(seed: int = 0) -> list[Mutant]:
 def _model_bytes(m: Mutant) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
-    from rwkvq_onnx import ops
-
     names = list(m.inits)
     node = helper.make_node(m.op, ["x", *names], ["y"], name=NODE, domain=ops.DOMAIN, **m.attrs)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
@@ -270,11 +270,8 @@ def _ctypes_attrs(m: Mutant) -> dict | None:
 
 
 def _child_ctypes(library: str, folder: Path, i: int, n_xs: int, attrs: dict) -> dict:
-    """The mutant's payload through rwkvq_onnx.cpu_kernels bound to `library`: vq_matmul with each kernel and x,
-    and vq_decode; outputs saved, each call's error (or None) returned."""
-    from rwkvq_onnx import cpu_kernels
-    from rwkvq_onnx.errors import ConfigError
-
+    """The mutant's payload through rwkvq_onnx.cpu_kernels bound to `library`: vq_matmul for each x, and vq_decode;
+    outputs saved, each call's error (or None) returned."""
     if cpu_kernels.library_path() != Path(library):  # this process's kernels are the library under test
         cpu_kernels.library_path = lambda: Path(library)
         cpu_kernels.library.cache_clear()
@@ -330,8 +327,6 @@ def _assert_decodable(m: Mutant) -> None:
 
 
 def _reference(m: Mutant, x: np.ndarray) -> np.ndarray:
-    from rwkvq_onnx import ops
-
     if m.op == "VQMatMul":
         _assert_decodable(m)
         return ops.vq_matmul(x, m.inits["codes"], m.inits["codebooks"], m.inits["scales"], **m.attrs)
@@ -377,8 +372,6 @@ def check_outcomes(mutants: list[Mutant], reports: list[dict], folder: Path) -> 
                 continue
             got = np.load(folder / f"c{r['i']}_{key}.npy")
             if key == "decode":
-                from rwkvq_onnx import ops
-
                 _assert_decodable(m)
                 ref = ops.vq_weight(*(m.inits[k] for k in ("codes", "codebooks", "scales")), **m.attrs)
             else:
@@ -406,85 +399,79 @@ def _sanitizer_runtime() -> tuple[str, str] | None:
 
 # ---- tests ----------------------------------------------------------------------------------------------------
 
-if __name__ != "__main__":
-    import pytest
+@pytest.fixture(scope="module")
+def asan_library(tmp_path_factory) -> tuple[Path, str]:
+    found = _sanitizer_runtime()
+    if found is None:
+        pytest.skip("gcc or its AddressSanitizer runtime (libasan) is not installed: no sanitizer build")
+    cc, runtime = found
+    out = tmp_path_factory.mktemp("asan") / "_cpu_kernels_asan.so"
+    build = subprocess.run(["bash", str(ROOT / "plugins" / "build_asan.sh"), str(out)], capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "CC": cc})
+    assert build.returncode == 0, build.stderr[-3000:]
+    return out, runtime
 
-    from rwkvq_onnx import cpu_kernels
-    from rwkvq_onnx.errors import ConfigError
+@pytest.mark.parametrize("op", ["VQMatMul", "VQElementwise"])
+def test_mutated_models_are_refused_or_exact_under_asan(op, asan_library, tmp_path):
+    library, runtime = asan_library
+    mutants = vq_matmul_mutants() if op == "VQMatMul" else vq_elementwise_mutants()
+    env = {**os.environ, "LD_PRELOAD": " ".join(filter(None, [runtime, os.environ.get("LD_PRELOAD")])),
+           "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
+           "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1", "OMP_NUM_THREADS": "2"}
+    reports, proc = run_mutants(mutants, library, tmp_path, env)
+    reports_seen = f"{len(reports)} of {len(mutants)} mutants reported"
+    for mark in SANITIZER_MARKS:
+        assert mark not in proc.stderr, f"{reports_seen}; sanitizer report:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{reports_seen}; exit {proc.returncode}:\n{proc.stderr[-4000:]}"
+    counts = check_outcomes(mutants, reports, tmp_path)
+    # the valid models and the payload-matching mutants of valid layouts run: the fuzz exercises the kernels
+    assert counts["ran"] >= 10 and counts["refused"] >= 50, counts
 
-    @pytest.fixture(scope="module")
-    def asan_library(tmp_path_factory) -> tuple[Path, str]:
-        found = _sanitizer_runtime()
-        if found is None:
-            pytest.skip("gcc or its AddressSanitizer runtime (libasan) is not installed: no sanitizer build")
-        cc, runtime = found
-        out = tmp_path_factory.mktemp("asan") / "_cpu_kernels_asan.so"
-        build = subprocess.run(["bash", str(ROOT / "plugins" / "build_asan.sh"), str(out)], capture_output=True,
-                               text=True, timeout=600, env={**os.environ, "CC": cc})
-        assert build.returncode == 0, build.stderr[-3000:]
-        return out, runtime
+def test_normal_library_refuses_the_crash_models(tmp_path):
+    """Without sanitizers: the models that crashed the installed library (issue 15) are refused, one line."""
+    library = cpu_kernels.library_path()
+    assert library is not None, "the package install must build the native library"
+    mutants = crash_mutants()
+    reports, proc = run_mutants(mutants, library, tmp_path)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert [r["i"] for r in reports] == list(range(len(mutants)))
+    for m, r in zip(mutants, reports):
+        assert r["session"] is not None, f"{m.label}: the model was not refused"
+        _assert_refusal(m.label, r["session"])
 
-    @pytest.mark.parametrize("op", ["VQMatMul", "VQElementwise"])
-    def test_mutated_models_are_refused_or_exact_under_asan(op, asan_library, tmp_path):
-        library, runtime = asan_library
-        mutants = vq_matmul_mutants() if op == "VQMatMul" else vq_elementwise_mutants()
-        env = {**os.environ, "LD_PRELOAD": " ".join(filter(None, [runtime, os.environ.get("LD_PRELOAD")])),
-               "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
-               "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1", "OMP_NUM_THREADS": "2"}
-        reports, proc = run_mutants(mutants, library, tmp_path, env)
-        reports_seen = f"{len(reports)} of {len(mutants)} mutants reported"
-        for mark in SANITIZER_MARKS:
-            assert mark not in proc.stderr, f"{reports_seen}; sanitizer report:\n{proc.stderr[-4000:]}"
-        assert proc.returncode == 0, f"{reports_seen}; exit {proc.returncode}:\n{proc.stderr[-4000:]}"
-        counts = check_outcomes(mutants, reports, tmp_path)
-        # the valid models and the payload-matching mutants of valid layouts run: the fuzz exercises the kernels
-        assert counts["ran"] >= 10 and counts["refused"] >= 50, counts
+@pytest.mark.parametrize("attrs", [{**VQ_BASE, "group_cols": 3}, {**VQ_BASE, "group_rows": 2**32},
+                                   {**VQ_BASE, "group_rows": 2**31}, {**VQ_BASE, "N": 21}])
+def test_ctypes_wrappers_check_sizes_before_calling_c(attrs):
+    """rwkvq_onnx.cpu_kernels refuses a layout or payload the C kernels would misread, with one line."""
+    rng = np.random.default_rng(3)
+    payload = _vq_payload(rng, **VQ_BASE)
+    x = rng.standard_normal((2, VQ_BASE["K"])).astype(np.float32)
+    for call in (lambda: cpu_kernels.vq_matmul(x, *payload.values(), **attrs),
+                 lambda: cpu_kernels.vq_decode(*payload.values(), **attrs)):
+        with pytest.raises(ConfigError) as refused:
+            call()
+        assert "\n" not in str(refused.value) and "rwkvq.VQMatMul" in str(refused.value)
+    with pytest.raises(ConfigError, match="last dimension is 23, expected K=24"):
+        cpu_kernels.vq_matmul(x[:, :-1], *payload.values(), **VQ_BASE)
+    with pytest.raises(ConfigError, match="codes is int64"):
+        cpu_kernels.vq_matmul(x, payload["codes"].astype(np.int64), payload["codebooks"], payload["scales"],
+                              **VQ_BASE)
 
-    def test_normal_library_refuses_the_crash_models(tmp_path):
-        """Without sanitizers: the models that crashed the installed library (issue 15) are refused, one line."""
-        library = cpu_kernels.library_path()
-        assert library is not None, "the package install must build the native library"
-        mutants = crash_mutants()
-        reports, proc = run_mutants(mutants, library, tmp_path)
-        assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
-        assert [r["i"] for r in reports] == list(range(len(mutants)))
-        for m, r in zip(mutants, reports):
-            assert r["session"] is not None, f"{m.label}: the model was not refused"
-            _assert_refusal(m.label, r["session"])
-
-    @pytest.mark.parametrize("attrs", [{**VQ_BASE, "group_cols": 3}, {**VQ_BASE, "group_rows": 2**32},
-                                       {**VQ_BASE, "group_rows": 2**31}, {**VQ_BASE, "N": 21}])
-    def test_ctypes_wrappers_check_sizes_before_calling_c(attrs):
-        """rwkvq_onnx.cpu_kernels refuses a layout or payload the C kernels would misread, with one line."""
-        rng = np.random.default_rng(3)
-        payload = _vq_payload(rng, **VQ_BASE)
-        x = rng.standard_normal((2, VQ_BASE["K"])).astype(np.float32)
-        for call in (lambda: cpu_kernels.vq_matmul(x, *payload.values(), **attrs),
-                     lambda: cpu_kernels.vq_decode(*payload.values(), **attrs)):
-            with pytest.raises(ConfigError) as refused:
-                call()
-            assert "\n" not in str(refused.value) and "rwkvq.VQMatMul" in str(refused.value)
-        with pytest.raises(ConfigError, match="last dimension is 23, expected K=24"):
-            cpu_kernels.vq_matmul(x[:, :-1], *payload.values(), **VQ_BASE)
-        with pytest.raises(ConfigError, match="codes is int64"):
-            cpu_kernels.vq_matmul(x, payload["codes"].astype(np.int64), payload["codebooks"], payload["scales"],
-                                  **VQ_BASE)
-
-    def test_c_entry_points_refuse_bad_sizes():
-        """The exported kernels refuse int arguments out of range (-2) before touching a buffer (NULL here)."""
-        lib = cpu_kernels.library()
-        assert lib is not None
-        bad = [dict(VQ_BASE, group_cols=3), dict(VQ_BASE, group_rows=0), dict(VQ_BASE, dim=0),
-               dict(VQ_BASE, index_bits=13), dict(VQ_BASE, N=-5)]
-        for attrs in bad:
-            args = [attrs[k] for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits")]
-            for fn in (lib.rwkvq_vq_gemv, lib.rwkvq_vq_gemm, lib.rwkvq_vq_matmul):
-                assert fn(None, 2, None, 9, None, None, None, *args) == -2, attrs
-            assert lib.rwkvq_vq_decode(None, 9, None, None, None, *args) == -2, attrs
-        args = [VQ_BASE[k] for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits")]
-        assert lib.rwkvq_vq_gemv(None, 2, None, 8, None, None, None, *args) == -2  # row_bytes is 9
-        assert lib.rwkvq_vq_gemv(None, -1, None, 9, None, None, None, *args) == -2  # negative rows
-        assert lib.rwkvq_vq_gemv_chunks(20, 24, 1, 0) == -1 and lib.rwkvq_vq_gemm_chunks(0) == -1
+def test_c_entry_points_refuse_bad_sizes():
+    """The exported kernels refuse int arguments out of range (-2) before touching a buffer (NULL here)."""
+    lib = cpu_kernels.library()
+    assert lib is not None
+    bad = [dict(VQ_BASE, group_cols=3), dict(VQ_BASE, group_rows=0), dict(VQ_BASE, dim=0),
+           dict(VQ_BASE, index_bits=13), dict(VQ_BASE, N=-5)]
+    for attrs in bad:
+        args = [attrs[k] for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits")]
+        for fn in (lib.rwkvq_vq_gemv, lib.rwkvq_vq_gemm, lib.rwkvq_vq_matmul):
+            assert fn(None, 2, None, 9, None, None, None, *args) == -2, attrs
+        assert lib.rwkvq_vq_decode(None, 9, None, None, None, *args) == -2, attrs
+    args = [VQ_BASE[k] for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits")]
+    assert lib.rwkvq_vq_gemv(None, 2, None, 8, None, None, None, *args) == -2  # row_bytes is 9
+    assert lib.rwkvq_vq_gemv(None, -1, None, 9, None, None, None, *args) == -2  # negative rows
+    assert lib.rwkvq_vq_gemv_chunks(20, 24, 1, 0) == -1 and lib.rwkvq_vq_gemm_chunks(0) == -1
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
