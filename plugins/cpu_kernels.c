@@ -11,8 +11,14 @@
  *   books  int8   [R, C, E, dim]    codebook of row block n / group_rows and column group col / group_cols
  *   scales float  [R, C]
  *   y      float  [M, N]            (rwkvq_vq_gemv)      W float [N, K] (rwkvq_vq_decode)
+ *
+ * The kernels index with int. Every exported entry point first checks its sizes against each other in 64-bit
+ * arithmetic (rwkvq_vq_check_layout and friends, below) and returns -2 instead of computing with sizes that
+ * would overflow an index, divide by zero or address past the buffers those sizes describe.
  */
+#include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -22,6 +28,118 @@
 #include "rwkvq_cpu.h"
 
 static inline uint32_t read_code(const uint8_t* row, int row_bytes, int j, int bits);
+
+enum { PANEL = 16, MR = 6 }; /* W rows decoded per GEMM panel; activation rows per micro-kernel call */
+
+/* ---- validation (see rwkvq_cpu.h): 64-bit arithmetic, before any size is narrowed to int ---------------- */
+
+/* bit offsets inside a row or vector are ints, and unpack_row reads up to 8 bytes past one */
+#define RWKVQ_MAX_BITS_OFFSET ((int64_t)INT_MAX - 64)
+
+static const char* refuse(char* msg, size_t cap, const char* fmt, long long a, long long b) {
+    snprintf(msg, cap, fmt, a, b);
+    return msg;
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+const char* rwkvq_vq_check_layout(int64_t N, int64_t K, int64_t dim, int64_t group_rows, int64_t group_cols,
+                                  int64_t bits, char* msg, size_t cap) {
+    const int64_t sizes[5] = {N, K, dim, group_rows, group_cols};
+    static const char* names[5] = {"N", "K", "dim", "group_rows", "group_cols"};
+    for (int i = 0; i < 5; ++i)
+        if (sizes[i] < 1 || sizes[i] > INT_MAX) {
+            snprintf(msg, cap, "%s=%lld is outside [1, 2^31)", names[i], (long long)sizes[i]);
+            return msg;
+        }
+    if (bits < 1 || bits > 12) return refuse(msg, cap, "index_bits=%lld is outside [1, 12]", bits, 0);
+    if (K % dim) return refuse(msg, cap, "K=%lld is not a multiple of dim=%lld", K, dim);
+    if (group_cols % dim) return refuse(msg, cap, "group_cols=%lld is not a multiple of dim=%lld", group_cols, dim);
+    /* the kernels' row and column block bounds (n + group_rows, panels of PANEL rows, k + group_cols) are ints */
+    if (N + (group_rows > PANEL ? group_rows : PANEL) - 1 > INT_MAX)
+        return refuse(msg, cap, "N=%lld with group_rows=%lld overflows 32-bit row indices", N, group_rows);
+    if (K + group_cols - 1 > INT_MAX)
+        return refuse(msg, cap, "K=%lld with group_cols=%lld overflows 32-bit column indices", K, group_cols);
+    if (K / dim * bits > RWKVQ_MAX_BITS_OFFSET)
+        return refuse(msg, cap, "a row of K/dim=%lld codes of %lld bits overflows 32-bit bit offsets", K / dim, bits);
+    /* the decoded codebooks of one row block, C * 2^bits * dim floats, are indexed with ints */
+    int64_t table;
+    if (__builtin_mul_overflow(ceil_div(K, group_cols), dim << bits, &table) || table > INT_MAX)
+        return refuse(msg, cap, "%lld codebooks of 2^index_bits x dim=%lld entries overflow 32-bit table indices",
+                      ceil_div(K, group_cols), dim);
+    return NULL;
+}
+
+/* "[a, b, c]" of a shape into buf */
+static const char* shape_text(int rank, const int64_t* dims, char* buf, size_t cap) {
+    size_t used = (size_t)snprintf(buf, cap, "[");
+    for (int i = 0; i < rank && used < cap; ++i)
+        used += (size_t)snprintf(buf + used, cap - used, i ? ", %lld" : "%lld", (long long)dims[i]);
+    if (used < cap) snprintf(buf + used, cap - used, "]");
+    return buf;
+}
+
+/* NULL when the tensor has exactly the expected shape, else the reason in msg */
+static const char* expect_shape(const char* what, int rank, const int64_t* dims, int want_rank, const int64_t* want,
+                                char* msg, size_t cap) {
+    int same = rank == want_rank;
+    for (int i = 0; same && i < rank; ++i) same = dims[i] == want[i];
+    if (same) return NULL;
+    char got[160], expected[160];
+    snprintf(msg, cap, "%s has shape %s, expected %s", what, shape_text(rank, dims, got, sizeof got),
+             shape_text(want_rank, want, expected, sizeof expected));
+    return msg;
+}
+
+const char* rwkvq_vq_check_payload(int64_t N, int64_t K, int64_t dim, int64_t group_rows, int64_t group_cols,
+                                   int64_t bits, int codes_rank, const int64_t* codes_dims, int books_rank,
+                                   const int64_t* books_dims, int scales_rank, const int64_t* scales_dims, char* msg,
+                                   size_t cap) {
+    const char* bad = rwkvq_vq_check_layout(N, K, dim, group_rows, group_cols, bits, msg, cap);
+    if (bad) return bad;
+    const int64_t R = ceil_div(N, group_rows), C = ceil_div(K, group_cols);
+    const int64_t codes[2] = {N, ceil_div(K / dim * bits, 8)}, books[4] = {R, C, (int64_t)1 << bits, dim},
+                  scales[2] = {R, C};
+    if ((bad = expect_shape("codes", codes_rank, codes_dims, 2, codes, msg, cap))) return bad;
+    if ((bad = expect_shape("codebooks", books_rank, books_dims, 4, books, msg, cap))) return bad;
+    return expect_shape("scales", scales_rank, scales_dims, 2, scales, msg, cap);
+}
+
+const char* rwkvq_vq_check_rows(int64_t K, int x_rank, const int64_t* x_dims, int64_t* rows, char* msg, size_t cap) {
+    if (x_rank < 1) return refuse(msg, cap, "the input has rank %lld, expected [..., K=%lld]", x_rank, K);
+    if (x_dims[x_rank - 1] != K)
+        return refuse(msg, cap, "the input's last dimension is %lld, expected K=%lld", x_dims[x_rank - 1], K);
+    int64_t m = 1;
+    for (int i = 0; i < x_rank - 1; ++i)
+        if (x_dims[i] < 0 || __builtin_mul_overflow(m, x_dims[i], &m) || m > INT_MAX)
+            return refuse(msg, cap, "the input's leading dimensions (%lld at axis %lld) exceed 2^31 - 1 rows",
+                          x_dims[i], i);
+    *rows = m;
+    return NULL;
+}
+
+const char* rwkvq_ew_check_layout(int64_t bits, int64_t n, char* msg, size_t cap) {
+    if (bits < 1 || bits > 16) return refuse(msg, cap, "index_bits=%lld is outside [1, 16]", bits, 0);
+    if (n < 1 || n > RWKVQ_MAX_BITS_OFFSET / bits)
+        return refuse(msg, cap, "a vector of %lld values of %lld bits is outside [1, 2^31) bits", n, bits);
+    return NULL;
+}
+
+const char* rwkvq_ew_check_payload(int64_t bits, int64_t n, int codes_rank, const int64_t* codes_dims, int book_rank,
+                                   const int64_t* book_dims, char* msg, size_t cap) {
+    const char* bad = rwkvq_ew_check_layout(bits, n, msg, cap);
+    if (bad) return bad;
+    const int64_t codes[1] = {ceil_div(n * bits, 8)}, book[1] = {(int64_t)1 << bits};
+    if ((bad = expect_shape("codes", codes_rank, codes_dims, 1, codes, msg, cap))) return bad;
+    return expect_shape("codebook", book_rank, book_dims, 1, book, msg, cap);
+}
+
+/* The int arguments of a kernel entry point: a valid layout, row_bytes its own, M >= 0. */
+static int sizes_ok(int M, int row_bytes, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+    char msg[160];
+    return M >= 0 && !rwkvq_vq_check_layout(N, K, dim, group_rows, group_cols, bits, msg, sizeof msg) &&
+           row_bytes == ceil_div((int64_t)(K / dim) * bits, 8);
+}
 
 /* The first n indices of a row's bit stream; eight at a time from one unaligned 64-bit load while it stays inside
  * the row (bits <= 8), then one by one. */
@@ -189,9 +307,11 @@ static void gemv_rows(const float* x, int M, const uint8_t* codes, int row_bytes
 }
 
 int rwkvq_vq_gemv_chunks(int N, int K, int M, int group_rows) {
-    const long long work = (long long)N * K * M;
+    if (N < 1 || K < 1 || M < 0 || group_rows < 1) return -1;
+    long long work;
+    if (__builtin_mul_overflow((long long)N * K, (long long)M, &work)) work = LLONG_MAX;
     if (work < RWKVQ_PARALLEL_MIN_WORK) return 1;
-    const int blocks = (N + group_rows - 1) / group_rows;
+    const long long blocks = ((long long)N + group_rows - 1) / group_rows;
     long long chunks = work / (RWKVQ_PARALLEL_MIN_WORK / 2);
     if (chunks > 64) chunks = 64;
     return (int)(chunks < blocks ? chunks : blocks);
@@ -200,6 +320,8 @@ int rwkvq_vq_gemv_chunks(int N, int K, int M, int group_rows) {
 int rwkvq_vq_gemv_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                         const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
                         int bits, int chunk, int chunks) {
+    if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits) || chunk < 0 || chunk >= chunks)
+        return RWKVQ_BAD_SIZES;
     /* chunks split the row blocks evenly, so no two chunks decode the same codebooks */
     const int blocks = (N + group_rows - 1) / group_rows;
     const int b0 = (int)((long long)blocks * chunk / chunks), b1 = (int)((long long)blocks * (chunk + 1) / chunks);
@@ -225,9 +347,10 @@ static int run_chunks(rwkvq_chunk_fn run, int chunks, const float* x, int M, con
     return failed ? -1 : 0;
 }
 
-/* y[M, N] = x[M, K] @ W^T. Returns 0, or -1 when scratch memory cannot be allocated. */
+/* y[M, N] = x[M, K] @ W^T. Returns 0, -1 when scratch memory cannot be allocated, -2 for sizes out of range. */
 int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+    if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits)) return RWKVQ_BAD_SIZES;
     return run_chunks(rwkvq_vq_gemv_chunk, rwkvq_vq_gemv_chunks(N, K, M, group_rows), x, M, codes, row_bytes, books,
                       scales, y, N, K, dim, group_rows, group_cols, bits);
 }
@@ -266,6 +389,7 @@ static void decode_rows(const uint8_t* codes, int row_bytes, const int8_t* books
 /* W[N, K] (float) from the payload. */
 int rwkvq_vq_decode(const uint8_t* codes, int row_bytes, const int8_t* books, const float* scales, float* w, int N,
                     int K, int dim, int group_rows, int group_cols, int bits) {
+    if (!sizes_ok(0, row_bytes, N, K, dim, group_rows, group_cols, bits)) return RWKVQ_BAD_SIZES;
     const int C = (K + group_cols - 1) / group_cols;
     const int per_book = (1 << bits) * dim;
     int failed = 0;
@@ -288,8 +412,6 @@ int rwkvq_vq_decode(const uint8_t* codes, int row_bytes, const int8_t* books, co
     }
     return failed ? -1 : 0;
 }
-
-enum { PANEL = 16, MR = 6 }; /* W rows decoded per panel; activation rows per micro-kernel call */
 
 /* Decode weight rows [n0, n0 + rows) straight into the panel p [K, PANEL], K-major (columns past `rows` zero).
  * tables: PANEL x C * per_book floats, idx: PANEL x n_codes ints (the caller's scratch). */
@@ -376,6 +498,7 @@ static void panel_kernel(const float* x, int K, int mr, const float* p, float* y
 }
 
 int rwkvq_vq_gemm_chunks(int N) {
+    if (N < 1 || N > INT_MAX - PANEL) return -1;
     const int panels = (N + PANEL - 1) / PANEL;
     return panels < 64 ? panels : 64;
 }
@@ -383,6 +506,8 @@ int rwkvq_vq_gemm_chunks(int N) {
 int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                         const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
                         int bits, int chunk, int chunks) {
+    if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits) || chunk < 0 || chunk >= chunks)
+        return RWKVQ_BAD_SIZES;
     const int C = (K + group_cols - 1) / group_cols;
     const int per_book = (1 << bits) * dim;
     const int panels = (N + PANEL - 1) / PANEL;
@@ -414,31 +539,40 @@ int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_byt
  * K-major, and every activation row runs past them, so W is decoded once per call and never held in full. */
 int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                   const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+    if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits)) return RWKVQ_BAD_SIZES;
     return run_chunks(rwkvq_vq_gemm_chunk, rwkvq_vq_gemm_chunks(N), x, M, codes, row_bytes, books, scales, y, N, K,
                       dim, group_rows, group_cols, bits);
 }
 
 rwkvq_chunk_fn rwkvq_vq_matmul_plan(int M, int N, int K, int group_rows, int* chunks) {
-    if (M <= RWKVQ_GEMV_MAX_ROWS) {
-        *chunks = rwkvq_vq_gemv_chunks(N, K, M, group_rows);
-        return rwkvq_vq_gemv_chunk;
-    }
-    *chunks = rwkvq_vq_gemm_chunks(N);
-    return rwkvq_vq_gemm_chunk;
+    const int gemv = M <= RWKVQ_GEMV_MAX_ROWS;
+    *chunks = gemv ? rwkvq_vq_gemv_chunks(N, K, M, group_rows) : rwkvq_vq_gemm_chunks(N);
+    if (*chunks < 1) return NULL;
+    return gemv ? rwkvq_vq_gemv_chunk : rwkvq_vq_gemm_chunk;
 }
 
 int rwkvq_vq_matmul(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                     const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+    if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits)) return RWKVQ_BAD_SIZES;
     int chunks;
     const rwkvq_chunk_fn run = rwkvq_vq_matmul_plan(M, N, K, group_rows, &chunks);
+    if (!run) return RWKVQ_BAD_SIZES;
     return run_chunks(run, chunks, x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits);
 }
 
-void rwkvq_decode_vector(const uint8_t* codes, int n_bytes, int bits, const float* book, float* v, int n) {
-    for (int j = 0; j < n; ++j) v[j] = book[read_code(codes, n_bytes, j, bits)];
+int rwkvq_decode_vector(const uint8_t* codes, int64_t n_bytes, int bits, const float* book, int64_t book_len, float* v,
+                        int64_t n) {
+    char msg[160];
+    if (rwkvq_ew_check_layout(bits, n, msg, sizeof msg) || n_bytes < ceil_div(n * bits, 8) || n_bytes > INT_MAX ||
+        book_len < ((int64_t)1 << bits))
+        return RWKVQ_BAD_SIZES;
+    for (int j = 0; j < (int)n; ++j) v[j] = book[read_code(codes, (int)n_bytes, j, bits)];
+    return RWKVQ_OK;
 }
 
-void rwkvq_scale_rows(const float* x, const float* v, float* y, int64_t total, int64_t n) {
+int rwkvq_scale_rows(const float* x, const float* v, float* y, int64_t total, int64_t n) {
+    if (n < 1 || total < 0 || total % n) return RWKVQ_BAD_SIZES;
     for (int64_t i0 = 0; i0 < total; i0 += n)
         for (int64_t i = 0; i < n && i0 + i < total; ++i) y[i0 + i] = x[i0 + i] * v[i];
+    return RWKVQ_OK;
 }

@@ -11,9 +11,17 @@
  *     their fixed position (all present since API version 1);
  *   - OrtCustomOp, a struct of callbacks whose `version` field tells onnxruntime which of them it may read;
  *     version 16 gives the status-returning CreateKernelV2 / KernelComputeV2;
+ *   - KernelInfo_GetNodeName (API 14, slot 244), so every refusal names its node, and
+ *     KernelInfoGetConstantInput_tensor (API 15, slot 249), so a payload that does not match its node's
+ *     attributes is refused when the session is created, not first at run time;
  *   - KernelContext_ParallelFor (API 17, slot 274) when onnxruntime offers it: VQMatMul then runs its pieces
  *     on the session's intra-op threads, so a session has one thread pool instead of onnxruntime's plus OpenMP's
  *     (before API 17 it falls back to OpenMP).
+ * Every attribute and input shape is checked against the others in 64-bit arithmetic (rwkvq_vq_check_* in
+ * cpu_kernels.c) before a size is narrowed to int or a pointer is formed: attributes when the kernel is created,
+ * inputs when they are known (initializers at creation, all inputs at compute). A violation is an
+ * INVALID_ARGUMENT status with one line, "rwkvq.VQMatMul node 'name': <problem>"; tests/test_native_fuzz.py
+ * runs mutated models through an AddressSanitizer build of this library (plugins/build_asan.sh).
  * tests/test_cpu_kernels_report.py checks these against the installed onnxruntime (version string, a status
  * round trip, and both ops against the numpy reference through real sessions).
  */
@@ -52,6 +60,8 @@ enum OrtApiIndex {
     ORT_KernelContext_GetOutput = 91,
     ORT_ReleaseStatus = 93,
     ORT_ReleaseTensorTypeAndShapeInfo = 99,
+    ORT_KernelInfo_GetNodeName = 244,             /* API version 14 */
+    ORT_KernelInfoGetConstantInput_tensor = 249,  /* API version 15 */
     ORT_KernelContext_ParallelFor = 274, /* API version 17 */
 };
 
@@ -111,6 +121,8 @@ typedef OrtStatus* (*KernelInfoGetAttributeStringFn)(const void*, const char*, c
 typedef OrtStatus* (*KernelContextGetInputCountFn)(const void*, size_t*);
 typedef OrtStatus* (*KernelContextGetInputFn)(const void*, size_t, const void**);
 typedef OrtStatus* (*KernelContextGetOutputFn)(void*, size_t, const int64_t*, size_t, void**);
+typedef OrtStatus* (*KernelInfoGetNodeNameFn)(const void*, char*, size_t*);
+typedef OrtStatus* (*KernelInfoGetConstantInputFn)(const void*, size_t, int*, const void**);
 typedef OrtStatus* (*KernelContextParallelForFn)(const void*, void (*)(void*, size_t), size_t, size_t, void*);
 
 /* set by RegisterCustomOps when onnxruntime offers API 17 */
@@ -123,10 +135,48 @@ static KernelContextParallelForFn parallel_for_api;
         if (status_) return status_;       \
     } while (0)
 
-static OrtStatus* fail(const OrtFn* api, int code, const char* fmt, const char* op, long long a, long long b) {
-    char msg[256];
-    snprintf(msg, sizeof msg, fmt, op, a, b);
+/* The node an error is about, for one-line messages: "rwkvq.VQMatMul node 'name'" (control characters of a crafted
+ * name replaced, so the message stays one line). */
+typedef struct {
+    char text[160];
+} NodeLabel;
+
+/* A one-line error status "<node>: <problem>". */
+static OrtStatus* refuse(const OrtFn* api, int code, const NodeLabel* node, const char* problem) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s: %s", node->text, problem);
+    for (char* c = msg; *c; ++c)
+        if ((unsigned char)*c < 0x20) *c = ' ';
     return API(api, ORT_CreateStatus, CreateStatusFn)(code, msg);
+}
+
+static OrtStatus* refusef(const OrtFn* api, const NodeLabel* node, const char* fmt, long long a, long long b) {
+    char problem[320];
+    snprintf(problem, sizeof problem, fmt, a, b);
+    return refuse(api, ORT_INVALID_ARGUMENT, node, problem);
+}
+
+static void release(const OrtFn* api, OrtStatus* st) { API(api, ORT_ReleaseStatus, ReleaseStatusFn)(st); }
+
+static void node_label(const OrtFn* api, const void* info, const char* op, NodeLabel* label) {
+    char name[96] = "";
+    size_t size = 0;
+    OrtStatus* st = API(api, ORT_KernelInfo_GetNodeName, KernelInfoGetNodeNameFn)(info, NULL, &size);
+    if (st) {
+        release(api, st);
+    } else if (size <= sizeof name) {
+        st = API(api, ORT_KernelInfo_GetNodeName, KernelInfoGetNodeNameFn)(info, name, &size);
+        if (st) release(api, st), name[0] = 0;
+    } else { /* a long name, shortened */
+        char* full = (char*)malloc(size);
+        if (full && !(st = API(api, ORT_KernelInfo_GetNodeName, KernelInfoGetNodeNameFn)(info, full, &size)))
+            snprintf(name, sizeof name, "%.80s...", full);
+        if (st) release(api, st);
+        free(full);
+    }
+    snprintf(label->text, sizeof label->text, "%s node '%s'", op, name[0] ? name : "(unnamed)");
+    for (char* c = label->text; *c; ++c)
+        if ((unsigned char)*c < 0x20) *c = '?';
 }
 
 /* A tensor input: data pointer, element type, shape. */
@@ -138,24 +188,66 @@ typedef struct {
     int64_t numel;
 } Tensor;
 
-static OrtStatus* read_tensor(const OrtFn* api, const void* value, Tensor* t) {
+static const char* type_name(int type) {
+    switch (type) {
+    case T_FLOAT: return "float32";
+    case T_UINT8: return "uint8";
+    case T_INT8: return "int8";
+    default: return "another type";
+    }
+}
+
+/* The tensor `value` (input `index`, named `what`) with its shape, refused unless its element type is `type`. */
+static OrtStatus* read_tensor(const OrtFn* api, const NodeLabel* node, const void* value, const char* what, int type,
+                              Tensor* t) {
     void* info = NULL;
     TRY(API(api, ORT_GetTensorTypeAndShape, GetTensorTypeAndShapeFn)(value, &info));
     OrtStatus* st = API(api, ORT_GetTensorElementType, GetTensorElementTypeFn)(info, &t->type);
     if (!st) st = API(api, ORT_GetDimensionsCount, GetDimensionsCountFn)(info, &t->rank);
-    if (!st && t->rank > MAX_RANK) st = API(api, ORT_CreateStatus, CreateStatusFn)(ORT_INVALID_ARGUMENT, "rwkvq: rank > 8");
-    if (!st) st = API(api, ORT_GetDimensions, GetDimensionsFn)(info, t->dims, t->rank);
+    if (!st && t->rank <= MAX_RANK) st = API(api, ORT_GetDimensions, GetDimensionsFn)(info, t->dims, t->rank);
     API(api, ORT_ReleaseTensorTypeAndShapeInfo, ReleaseTensorTypeAndShapeInfoFn)(info);
     if (st) return st;
+    char problem[160];
+    if (t->type != type) {
+        snprintf(problem, sizeof problem, "%s is %s, expected %s", what, type_name(t->type), type_name(type));
+        return refuse(api, ORT_INVALID_ARGUMENT, node, problem);
+    }
+    if (t->rank > MAX_RANK) {
+        snprintf(problem, sizeof problem, "%s has rank %zu, more than %d", what, t->rank, MAX_RANK);
+        return refuse(api, ORT_INVALID_ARGUMENT, node, problem);
+    }
     t->numel = 1;
-    for (size_t i = 0; i < t->rank; ++i) t->numel *= t->dims[i];
+    for (size_t i = 0; i < t->rank; ++i)
+        if (t->dims[i] < 0 || __builtin_mul_overflow(t->numel, t->dims[i], &t->numel)) {
+            snprintf(problem, sizeof problem, "%s has an impossible dimension %lld", what, (long long)t->dims[i]);
+            return refuse(api, ORT_INVALID_ARGUMENT, node, problem);
+        }
     return API(api, ORT_GetTensorMutableData, GetTensorMutableDataFn)(value, &t->data);
 }
 
-static OrtStatus* input(const OrtFn* api, void* ctx, size_t i, Tensor* t) {
+static OrtStatus* input(const OrtFn* api, const NodeLabel* node, void* ctx, size_t i, const char* what, int type,
+                        Tensor* t) {
     const void* value = NULL;
     TRY(API(api, ORT_KernelContext_GetInput, KernelContextGetInputFn)(ctx, i, &value));
-    return read_tensor(api, value, t);
+    if (!value) return refusef(api, node, "input %lld is missing", (long long)i, 0);
+    return read_tensor(api, node, value, what, type, t);
+}
+
+/* Input i when the graph makes it a constant (an initializer), for checks at kernel creation: *found 0 otherwise. */
+static OrtStatus* constant_input(const OrtFn* api, const NodeLabel* node, const void* info, size_t i,
+                                 const char* what, int type, Tensor* t, int* found) {
+    const void* value = NULL;
+    int is_constant = 0;
+    OrtStatus* st = API(api, ORT_KernelInfoGetConstantInput_tensor, KernelInfoGetConstantInputFn)(info, i,
+                                                                                                 &is_constant, &value);
+    *found = 0;
+    if (st) { /* not a constant, or not offered: the checks then run at compute */
+        release(api, st);
+        return NULL;
+    }
+    if (!is_constant || !value) return NULL;
+    *found = 1;
+    return read_tensor(api, node, value, what, type, t);
 }
 
 static OrtStatus* output(const OrtFn* api, void* ctx, const int64_t* dims, size_t rank, float** out) {
@@ -164,8 +256,15 @@ static OrtStatus* output(const OrtFn* api, void* ctx, const int64_t* dims, size_
     return API(api, ORT_GetTensorMutableData, GetTensorMutableDataFn)(value, (void**)out);
 }
 
-static OrtStatus* attr_int(const OrtFn* api, const void* info, const char* name, int64_t* out) {
-    return API(api, ORT_KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, name, out);
+/* An int attribute, refused with the node's name when it is missing or not an int. */
+static OrtStatus* attr_int(const OrtFn* api, const NodeLabel* node, const void* info, const char* name,
+                           int64_t* out) {
+    OrtStatus* st = API(api, ORT_KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, name, out);
+    if (!st) return NULL;
+    release(api, st);
+    char problem[96];
+    snprintf(problem, sizeof problem, "attribute '%s' is missing or not an integer", name);
+    return refuse(api, ORT_INVALID_ARGUMENT, node, problem);
 }
 
 /* ---- VQMatMul ---------------------------------------------------------------------------------------- */
@@ -174,6 +273,7 @@ typedef struct {
     const OrtFn* api;
     KernelContextParallelForFn parallel_for; /* onnxruntime's intra-op pool; NULL before API 17 */
     int N, K, dim, group_rows, group_cols, bits;
+    NodeLabel node;
 } VQMatMulKernel;
 
 /* One call of VQMatMul split into pieces for onnxruntime's intra-op pool: GEMV pieces for decode, GEMM panels
@@ -198,62 +298,84 @@ static void vq_matmul_piece(void* data, size_t i) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
 }
 
+/* codes, codebooks and scales (inputs 1..3) against the kernel's attributes, types included. */
+static OrtStatus* vq_matmul_check_payload(const VQMatMulKernel* k, const Tensor* codes, const Tensor* books,
+                                          const Tensor* scales) {
+    char problem[320];
+    if (rwkvq_vq_check_payload(k->N, k->K, k->dim, k->group_rows, k->group_cols, k->bits, (int)codes->rank,
+                               codes->dims, (int)books->rank, books->dims, (int)scales->rank, scales->dims, problem,
+                               sizeof problem))
+        return refuse(k->api, ORT_INVALID_ARGUMENT, &k->node, problem);
+    return NULL;
+}
+
+static const char* vq_matmul_inputs[4] = {"the input", "codes", "codebooks", "scales"};
+static const int vq_matmul_types[4] = {T_FLOAT, T_UINT8, T_INT8, T_FLOAT};
+
 static OrtStatus* vq_matmul_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
     (void)op;
+    VQMatMulKernel k = {api, parallel_for_api, 0, 0, 0, 0, 0, 0, {""}};
+    node_label(api, info, "rwkvq.VQMatMul", &k.node);
     int64_t v[6];
     static const char* names[6] = {"N", "K", "dim", "group_rows", "group_cols", "index_bits"};
-    for (int i = 0; i < 6; ++i) TRY(attr_int(api, info, names[i], &v[i]));
-    if (v[0] < 1 || v[1] < 1 || v[2] < 1 || v[1] % v[2] || v[3] < 1 || v[4] < v[2] || v[5] < 1 || v[5] > 12)
-        return fail(api, ORT_INVALID_ARGUMENT, "%s: bad attributes (N=%lld, K=%lld, ...)", "rwkvq.VQMatMul", v[0], v[1]);
-    VQMatMulKernel* k = (VQMatMulKernel*)calloc(1, sizeof *k);
-    if (!k) return API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQMatMul: out of memory");
-    *k = (VQMatMulKernel){api, parallel_for_api, (int)v[0], (int)v[1], (int)v[2], (int)v[3], (int)v[4], (int)v[5]};
-    *kernel = k;
+    for (int i = 0; i < 6; ++i) TRY(attr_int(api, &k.node, info, names[i], &v[i]));
+    char problem[320];
+    if (rwkvq_vq_check_layout(v[0], v[1], v[2], v[3], v[4], v[5], problem, sizeof problem))
+        return refuse(api, ORT_INVALID_ARGUMENT, &k.node, problem);
+    /* every value fits an int now */
+    k.N = (int)v[0], k.K = (int)v[1], k.dim = (int)v[2], k.group_rows = (int)v[3], k.group_cols = (int)v[4],
+    k.bits = (int)v[5];
+    /* initializers are known now: a model whose payload does not match its attributes is refused at load */
+    Tensor t[4];
+    int found[4] = {0, 0, 0, 0};
+    for (int i = 1; i < 4; ++i)
+        TRY(constant_input(api, &k.node, info, (size_t)i, vq_matmul_inputs[i], vq_matmul_types[i], &t[i], &found[i]));
+    if (found[1] && found[2] && found[3]) TRY(vq_matmul_check_payload(&k, &t[1], &t[2], &t[3]));
+    VQMatMulKernel* made = (VQMatMulKernel*)malloc(sizeof *made);
+    if (!made) return refuse(api, ORT_FAIL, &k.node, "out of memory");
+    *made = k;
+    *kernel = made;
     return NULL;
 }
 
 static OrtStatus* vq_matmul_compute(void* kernel, void* ctx) {
     const VQMatMulKernel* k = (const VQMatMulKernel*)kernel;
     const OrtFn* api = k->api;
-    Tensor x, codes, books, scales;
-    TRY(input(api, ctx, 0, &x));
-    TRY(input(api, ctx, 1, &codes));
-    TRY(input(api, ctx, 2, &books));
-    TRY(input(api, ctx, 3, &scales));
-    const int n_codes = k->K / k->dim;
-    const int row_bytes = (int)(((long long)n_codes * k->bits + 7) / 8);
-    const long long R = (k->N + k->group_rows - 1) / k->group_rows, C = (k->K + k->group_cols - 1) / k->group_cols;
-    if (x.rank < 1 || x.dims[x.rank - 1] != k->K)
-        return fail(api, ORT_INVALID_ARGUMENT, "%s: input's last dimension is %lld, expected K=%lld", "rwkvq.VQMatMul",
-                    x.rank ? x.dims[x.rank - 1] : 0, k->K);
-    if (codes.rank != 2 || codes.dims[0] != k->N || codes.dims[1] != row_bytes)
-        return fail(api, ORT_INVALID_ARGUMENT, "%s: codes must be [N, %lld] (N=%lld)", "rwkvq.VQMatMul", row_bytes, k->N);
-    if (books.numel != R * C * (1LL << k->bits) * k->dim || scales.numel != R * C)
-        return fail(api, ORT_INVALID_ARGUMENT, "%s: codebooks/scales do not match %lld x %lld codebook blocks",
-                    "rwkvq.VQMatMul", R, C);
+    Tensor t[4];
+    for (int i = 0; i < 4; ++i)
+        TRY(input(api, &k->node, ctx, (size_t)i, vq_matmul_inputs[i], vq_matmul_types[i], &t[i]));
+    const Tensor *x = &t[0], *codes = &t[1], *books = &t[2], *scales = &t[3];
+    TRY(vq_matmul_check_payload(k, codes, books, scales));
+    char problem[320];
+    int64_t M = 0;
+    if (rwkvq_vq_check_rows(k->K, (int)x->rank, x->dims, &M, problem, sizeof problem))
+        return refuse(api, ORT_INVALID_ARGUMENT, &k->node, problem);
+    const int row_bytes = (int)codes->dims[1];
     int64_t dims[MAX_RANK];
-    memcpy(dims, x.dims, sizeof(int64_t) * x.rank);
-    dims[x.rank - 1] = k->N;
+    memcpy(dims, x->dims, sizeof(int64_t) * x->rank);
+    dims[x->rank - 1] = k->N;
     float* y = NULL;
-    TRY(output(api, ctx, dims, x.rank, &y));
-    const long long M = x.numel / k->K;
+    TRY(output(api, ctx, dims, x->rank, &y));
     if (M == 0) return NULL;
     if (k->parallel_for) {
         /* the pieces run on onnxruntime's intra-op threads, the same ones its own kernels use: one pool */
-        VQMatMulJob job = {k, NULL, (const float*)x.data, (int)M, row_bytes, 0, (const uint8_t*)codes.data,
-                           (const int8_t*)books.data, (const float*)scales.data, y, 0};
+        VQMatMulJob job = {k, NULL, (const float*)x->data, (int)M, row_bytes, 0, (const uint8_t*)codes->data,
+                           (const int8_t*)books->data, (const float*)scales->data, y, 0};
         job.run = rwkvq_vq_matmul_plan(job.M, k->N, k->K, k->group_rows, &job.chunks);
+        if (!job.run) return refuse(api, ORT_INVALID_ARGUMENT, &k->node, "sizes out of range");
         if (job.chunks == 1)
             vq_matmul_piece(&job, 0);
         else
             TRY(k->parallel_for(ctx, vq_matmul_piece, (size_t)job.chunks, 0, &job));
-        return job.failed ? API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQMatMul: out of memory") : NULL;
+        return job.failed ? refuse(api, ORT_FAIL, &k->node, "out of memory") : NULL;
     }
     /* onnxruntime before API 17: the OpenMP entry point */
-    int rc = rwkvq_vq_matmul((const float*)x.data, (int)M, (const uint8_t*)codes.data, row_bytes,
-                             (const int8_t*)books.data, (const float*)scales.data, y, k->N, k->K, k->dim,
+    int rc = rwkvq_vq_matmul((const float*)x->data, (int)M, (const uint8_t*)codes->data, row_bytes,
+                             (const int8_t*)books->data, (const float*)scales->data, y, k->N, k->K, k->dim,
                              k->group_rows, k->group_cols, k->bits);
-    return rc ? API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQMatMul: out of memory") : NULL;
+    return rc == RWKVQ_NO_MEMORY ? refuse(api, ORT_FAIL, &k->node, "out of memory")
+           : rc                  ? refuse(api, ORT_INVALID_ARGUMENT, &k->node, "sizes out of range")
+                                 : NULL;
 }
 
 /* ---- VQElementwise ----------------------------------------------------------------------------------- */
@@ -264,57 +386,87 @@ typedef struct {
     int rank;
     int64_t shape[MAX_RANK];
     int64_t n;
+    NodeLabel node;
 } VQElementwiseKernel;
+
+/* The `shape` attribute, "d0,d1,...": 1 to MAX_RANK positive decimal integers, nothing else; NULL or a reason. */
+static const char* parse_shape(const char* text, VQElementwiseKernel* k) {
+    k->rank = 0;
+    k->n = 1;
+    for (const char* p = text;; ++p) {
+        if (*p < '0' || *p > '9') return "the shape attribute is not a comma-separated list of positive integers";
+        char* end;
+        const long long d = strtoll(p, &end, 10);
+        if (d < 1 || d > INT32_MAX) return "a dimension of the shape attribute is outside [1, 2^31)";
+        if (k->rank == MAX_RANK) return "the shape attribute has more than 8 dimensions";
+        k->shape[k->rank++] = d;
+        if (__builtin_mul_overflow(k->n, d, &k->n)) return "the shape attribute's size overflows";
+        if (*end == 0) return NULL;
+        if (*end != ',') return "the shape attribute is not a comma-separated list of positive integers";
+        p = end;
+    }
+}
 
 static OrtStatus* vq_elementwise_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
     (void)op;
+    VQElementwiseKernel k;
+    memset(&k, 0, sizeof k);
+    k.api = api;
+    node_label(api, info, "rwkvq.VQElementwise", &k.node);
     int64_t bits;
-    TRY(attr_int(api, info, "index_bits", &bits));
-    char text[256];
-    size_t size = sizeof text;
-    TRY(API(api, ORT_KernelInfoGetAttribute_string, KernelInfoGetAttributeStringFn)(info, "shape", text, &size));
-    VQElementwiseKernel* k = (VQElementwiseKernel*)calloc(1, sizeof *k);
-    if (!k) return API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQElementwise: out of memory");
-    k->api = api;
-    k->bits = (int)bits;
-    k->n = 1;
-    for (char* p = text; *p && k->rank < MAX_RANK;) {
-        char* end;
-        long long d = strtoll(p, &end, 10);
-        if (end == p || d < 1) break;
-        k->shape[k->rank++] = d;
-        k->n *= d;
-        p = *end == ',' ? end + 1 : end;
+    TRY(attr_int(api, &k.node, info, "index_bits", &bits));
+    size_t size = 0;
+    OrtStatus* st = API(api, ORT_KernelInfoGetAttribute_string, KernelInfoGetAttributeStringFn)(info, "shape", NULL,
+                                                                                                &size);
+    if (st) {
+        release(api, st);
+        return refuse(api, ORT_INVALID_ARGUMENT, &k.node, "attribute 'shape' is missing or not a string");
     }
-    if (k->rank == 0 || bits < 1 || bits > 16) {
-        free(k);
-        return fail(api, ORT_INVALID_ARGUMENT, "%s: bad attributes (index_bits=%lld)", "rwkvq.VQElementwise", bits, 0);
+    char* text = (char*)malloc(size + 1);
+    if (!text) return refuse(api, ORT_FAIL, &k.node, "out of memory");
+    st = API(api, ORT_KernelInfoGetAttribute_string, KernelInfoGetAttributeStringFn)(info, "shape", text, &size);
+    if (st) {
+        free(text);
+        release(api, st);
+        return refuse(api, ORT_INVALID_ARGUMENT, &k.node, "unreadable string attribute 'shape'");
     }
-    *kernel = k;
+    text[size] = 0;
+    const char* bad = parse_shape(text, &k);
+    free(text);
+    if (bad) return refuse(api, ORT_INVALID_ARGUMENT, &k.node, bad);
+    char problem[320];
+    if (rwkvq_ew_check_layout(bits, k.n, problem, sizeof problem))
+        return refuse(api, ORT_INVALID_ARGUMENT, &k.node, problem);
+    k.bits = (int)bits;
+    VQElementwiseKernel* made = (VQElementwiseKernel*)malloc(sizeof *made);
+    if (!made) return refuse(api, ORT_FAIL, &k.node, "out of memory");
+    *made = k;
+    *kernel = made;
     return NULL;
 }
 
 static OrtStatus* vq_elementwise_compute(void* kernel, void* ctx) {
     VQElementwiseKernel* k = (VQElementwiseKernel*)kernel;
     const OrtFn* api = k->api;
+    const NodeLabel* node = &k->node;
     Tensor x, codes, book;
-    TRY(input(api, ctx, 0, &x));
-    TRY(input(api, ctx, 1, &codes));
-    TRY(input(api, ctx, 2, &book));
-    if (codes.numel * 8 < k->n * k->bits || book.numel < (1LL << k->bits))
-        return fail(api, ORT_INVALID_ARGUMENT, "%s: codes/codebook too short for %lld values", "rwkvq.VQElementwise",
-                    k->n, 0);
+    TRY(input(api, node, ctx, 0, "the input", T_FLOAT, &x));
+    TRY(input(api, node, ctx, 1, "codes", T_UINT8, &codes));
+    TRY(input(api, node, ctx, 2, "codebook", T_FLOAT, &book));
+    char problem[320];
+    if (rwkvq_ew_check_payload(k->bits, k->n, (int)codes.rank, codes.dims, (int)book.rank, book.dims, problem,
+                               sizeof problem))
+        return refuse(api, ORT_INVALID_ARGUMENT, node, problem);
     /* y = x * v with numpy broadcasting, for v whose non-1 dimensions are x's trailing dimensions */
     int lead = 0;
     while (lead < k->rank && k->shape[lead] == 1) ++lead;
     const int vr = k->rank - lead;
     if (vr > (int)x.rank)
-        return fail(api, ORT_INVALID_ARGUMENT, "%s: cannot broadcast the vector over an input of rank %lld",
-                    "rwkvq.VQElementwise", (long long)x.rank, 0);
+        return refusef(api, node, "cannot broadcast the vector over an input of rank %lld", (long long)x.rank, 0);
     for (int i = 0; i < vr; ++i)
         if (k->shape[lead + i] != x.dims[x.rank - vr + i])
-            return fail(api, ORT_INVALID_ARGUMENT, "%s: vector dimension %lld does not match the input's %lld",
-                        "rwkvq.VQElementwise", k->shape[lead + i], x.dims[x.rank - vr + i]);
+            return refusef(api, node, "vector dimension %lld does not match the input's %lld", k->shape[lead + i],
+                           x.dims[x.rank - vr + i]);
     const int out_rank = k->rank > (int)x.rank ? k->rank : (int)x.rank;
     int64_t dims[MAX_RANK];
     for (int i = 0; i < out_rank; ++i) {
@@ -326,11 +478,12 @@ static OrtStatus* vq_elementwise_compute(void* kernel, void* ctx) {
     /* decoded on every call (a few microseconds for a model-width vector): nothing shared between concurrent
      * runs of the kernel, and correct even when the codes are not constant */
     float* v = (float*)malloc(sizeof(float) * (size_t)k->n);
-    if (!v) return API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq.VQElementwise: out of memory");
-    rwkvq_decode_vector((const uint8_t*)codes.data, (int)codes.numel, k->bits, (const float*)book.data, v, (int)k->n);
-    rwkvq_scale_rows((const float*)x.data, v, y, x.numel, k->n);
+    if (!v) return refuse(api, ORT_FAIL, node, "out of memory");
+    int rc = rwkvq_decode_vector((const uint8_t*)codes.data, codes.numel, k->bits, (const float*)book.data,
+                                 book.numel, v, k->n);
+    if (!rc) rc = rwkvq_scale_rows((const float*)x.data, v, y, x.numel, k->n);
     free(v);
-    return NULL;
+    return rc ? refuse(api, ORT_INVALID_ARGUMENT, node, "sizes out of range") : NULL;
 }
 
 /* ---- registration ------------------------------------------------------------------------------------ */

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
 from .opspec import vq_matmul as vq_matmul_spec
 
 GEMV_MAX_ROWS = 4  # RWKVQ_GEMV_MAX_ROWS in plugins/rwkvq_cpu.h: above it the tiled GEMM runs
@@ -39,6 +40,11 @@ def library() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     lib.rwkvq_vq_decode.argtypes = [p, i, p, p, p, i, i, i, i, i, i]
     lib.rwkvq_vq_decode.restype = ctypes.c_int
+    i64, dims = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+    lib.rwkvq_vq_check_payload.argtypes = [i64] * 6 + [i, dims] * 3 + [ctypes.c_char_p, ctypes.c_size_t]
+    lib.rwkvq_vq_check_payload.restype = ctypes.c_char_p
+    lib.rwkvq_vq_check_rows.argtypes = [i64, i, dims, dims, ctypes.c_char_p, ctypes.c_size_t]
+    lib.rwkvq_vq_check_rows.restype = ctypes.c_char_p
     lib.rwkvq_ort_version.restype = ctypes.c_char_p
     lib.rwkvq_ort_abi_ok.restype = ctypes.c_int
     lib.rwkvq_ort_thread_pool.restype = ctypes.c_int
@@ -53,6 +59,44 @@ def _ptr(a: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(a.ctypes.data)
 
 
+def _dims(shape: tuple[int, ...]):
+    return (ctypes.c_int64 * max(len(shape), 1))(*shape)
+
+
+def _check_sizes(lib: ctypes.CDLL, entry: str, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray,
+                 x_shape: tuple[int, ...] | None, attrs: dict) -> None:
+    """Refuse (ConfigError, one line) what the C kernels would misread: the library's own 64-bit checks of the
+    attributes against each other and against the payload's shapes and dtypes, and of x [..., K], before any size
+    becomes a C int. The C entry points check their int arguments again; these see the buffers' real sizes."""
+    where = f"rwkvq.VQMatMul ({entry})"
+    for name, a, want in (("codes", codes, np.uint8), ("codebooks", codebooks, np.int8)):
+        if np.asarray(a).dtype != want:
+            raise ConfigError(f"{where}: {name} is {np.asarray(a).dtype}, expected {np.dtype(want)}")
+    if not np.issubdtype(np.asarray(scales).dtype, np.floating):
+        raise ConfigError(f"{where}: scales is {np.asarray(scales).dtype}, expected float32")
+    try:
+        values = [int(attrs[k]) for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits")]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: attributes must be integers ({e})") from None
+    if any(not -(2**63) <= v < 2**63 for v in values):
+        raise ConfigError(f"{where}: an attribute is outside the 64-bit range")
+    msg = ctypes.create_string_buffer(512)
+    shapes = [np.shape(a) for a in (codes, codebooks, scales)]
+    args = [v for sh in shapes for v in (len(sh), _dims(sh))]
+    bad = lib.rwkvq_vq_check_payload(*values, *args, msg, len(msg))
+    if bad is None and x_shape is not None:
+        bad = lib.rwkvq_vq_check_rows(values[1], len(x_shape), _dims(x_shape), _dims((0,)), msg, len(msg))
+    if bad is not None:
+        raise ConfigError(f"{where}: {bad.decode()}")
+
+
+def _check_status(status: int, entry: str) -> None:
+    if status == -1:
+        raise MemoryError(f"{entry}: out of memory")
+    if status != 0:
+        raise ConfigError(f"rwkvq.VQMatMul ({entry}): sizes out of range")
+
+
 def vq_decode(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, *, N: int, K: int, dim: int,
               group_rows: int, group_cols: int, index_bits: int) -> np.ndarray:
     attrs = dict(N=N, K=K, dim=dim, group_rows=group_rows, group_cols=group_cols, index_bits=index_bits)
@@ -60,12 +104,12 @@ def vq_decode(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, *, N
     if lib is None:
         return vq_matmul_spec.decode_weight(codes, codebooks, scales, **attrs)
     vq_matmul_spec.validate(attrs, codes, codebooks, scales, node="vq_decode")  # the C code trusts its sizes
+    _check_sizes(lib, "vq_decode", codes, codebooks, scales, None, attrs)
     codes, books = np.ascontiguousarray(codes, np.uint8), np.ascontiguousarray(codebooks, np.int8)
     scales = np.ascontiguousarray(scales, np.float32)
     w = np.empty((N, K), np.float32)
-    if lib.rwkvq_vq_decode(_ptr(codes), codes.shape[1], _ptr(books), _ptr(scales), _ptr(w), N, K, dim, group_rows,
-                           group_cols, index_bits) != 0:
-        raise MemoryError("rwkvq_vq_decode: out of memory")
+    _check_status(lib.rwkvq_vq_decode(_ptr(codes), codes.shape[1], _ptr(books), _ptr(scales), _ptr(w), N, K, dim,
+                                      group_rows, group_cols, index_bits), "rwkvq_vq_decode")
     return w
 
 
@@ -78,16 +122,16 @@ def vq_matmul(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: n
     attrs = dict(N=N, K=K, dim=dim, group_rows=group_rows, group_cols=group_cols, index_bits=index_bits)
     lib = library()
     x = np.asarray(x, np.float32)
-    lead = x.shape[:-1]
-    x2 = np.ascontiguousarray(x.reshape(-1, K))
     if lib is None:
         return vq_matmul_spec.reference(x, codes, codebooks, scales, **attrs).astype(np.float32)
     vq_matmul_spec.validate(attrs, codes, codebooks, scales, node="vq_matmul")  # the C code trusts its sizes
+    _check_sizes(lib, "vq_matmul", codes, codebooks, scales, x.shape, attrs)
+    lead = x.shape[:-1]
+    x2 = np.ascontiguousarray(x.reshape(-1, K))
     fn = {"auto": lib.rwkvq_vq_matmul, "gemv": lib.rwkvq_vq_gemv, "gemm": lib.rwkvq_vq_gemm}[kernel]
     codes, books = np.ascontiguousarray(codes, np.uint8), np.ascontiguousarray(codebooks, np.int8)
     scales = np.ascontiguousarray(scales, np.float32)
     y = np.empty((x2.shape[0], N), np.float32)
-    if fn(_ptr(x2), x2.shape[0], _ptr(codes), codes.shape[1], _ptr(books), _ptr(scales), _ptr(y),
-          N, K, dim, group_rows, group_cols, index_bits) != 0:
-        raise MemoryError("rwkvq_vq_matmul: out of memory")
+    _check_status(fn(_ptr(x2), x2.shape[0], _ptr(codes), codes.shape[1], _ptr(books), _ptr(scales), _ptr(y),
+                     N, K, dim, group_rows, group_cols, index_bits), f"rwkvq_vq_{kernel}")
     return y.reshape(*lead, N)
