@@ -1,0 +1,250 @@
+"""The TensorRT side checked on CPU: plugin definitions against TensorRT's registration rules (tests/trt_stub.py),
+the graph handed to the parser, and build-engine's calls into the builder."""
+
+import re
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from rwkvq_onnx.cli import main
+from rwkvq_onnx.export import step_path
+from rwkvq_onnx.plugins import trt_plugins
+from rwkvq_onnx.tensorrt_build import prepare_for_tensorrt
+
+from . import trt_stub
+from .conftest import GOLDEN_TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = trt_stub.DataType
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_ckpt, tmp_path_factory):
+    """A tiny RWKV-7 exported (both graphs) and quantized with RWKVQuant, symmetric (TensorRT-ready)."""
+    d = tmp_path_factory.mktemp("trt")
+    calib = d / "calib.txt"
+    calib.write_text((GOLDEN_TEXT.decode() + " ") * 40)
+    fp = d / "fp.onnx"
+    assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both"]) == 0
+    q = d / "q.onnx"
+    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.5", "--calib", str(calib), "--nsamples", "4",
+                 "--seqlen", "64", "--sym", "sym"]) == 0
+    return fp, q
+
+
+@pytest.fixture()
+def plugins(monkeypatch):
+    """The project's plugin definitions registered through the stub's copy of TensorRT's checks."""
+    trt_stub.install(monkeypatch)
+    monkeypatch.setattr(trt_plugins, "compile_ptx", lambda arch: f"// ptx for {arch}")
+    return trt_plugins.define_plugins(trt_stub.plugin, DTYPES, "compute_80")
+
+
+def test_plugin_annotations_are_classes_at_run_time():
+    # `from __future__ import annotations` binds the name `annotations` and turns every annotation into a
+    # string, which TensorRT's issubclass(annotation, TensorDesc) rejects with TypeError.
+    assert "annotations" not in vars(trt_plugins)
+    source = (ROOT / "plugins" / "trt_plugins.py").read_text()
+    assert "from __future__ import annotations" not in source
+
+
+def test_plugin_definitions_pass_tensorrts_registration_checks(plugins):
+    assert set(trt_stub.REGISTRY) == {"rwkvq::VQMatMul", "rwkvq::VQElementwise"}
+    for plugin_id, entry in trt_stub.REGISTRY.items():
+        assert "aot" in entry, plugin_id
+        assert entry["tensors"][0] == "x" and len(entry["tensors"]) in (3, 4)
+    assert "max_rows" in trt_stub.REGISTRY["rwkvq::VQMatMul"]["attrs"]
+
+
+def test_stub_rejects_what_tensorrt_rejects():
+    # The checks are live: a string annotation, a missing aot_impl return annotation are refused.
+    trt_stub.REGISTRY.clear()
+
+    def desc(x: "trt_stub.TensorDesc", n: int) -> trt_stub.TensorDesc:
+        return x
+
+    with pytest.raises(TypeError):
+        trt_stub.register("t::A")(desc)
+
+    @trt_stub.register("t::B")
+    def desc_b(x: trt_stub.TensorDesc, n: int) -> trt_stub.TensorDesc:
+        return x
+
+    def aot(x: trt_stub.TensorDesc, n: int, outputs, tactic: int):
+        return None
+
+    with pytest.raises(ValueError, match="No return annotation"):
+        trt_stub.aot_impl("t::B")(aot)
+
+
+def _kernel_entries() -> set[str]:
+    return set(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(',
+                          (ROOT / "plugins" / "rwkvq_kernels.cu").read_text()))
+
+
+@pytest.mark.parametrize("max_rows,kernel,rpw", [(1, "rwkvq_trt_vq_gemv_decode", 2), (8, "rwkvq_trt_vq_gemv", 1)])
+def test_aot_impl_launches_the_benchmarked_instance(plugins, max_rows, kernel, rpw):
+    desc, aot = plugins["VQMatMul"]
+    attrs = dict(N=128, K=256, dim=2, group_rows=16, group_cols=128, index_bits=6, max_rows=max_rows)
+    x = trt_stub.TensorDesc(DTYPES.float16, trt_stub.ShapeExprs([max_rows, 256]))
+    codes = trt_stub.TensorDesc(DTYPES.int8, trt_stub.ShapeExprs([128, 96]))
+    books = trt_stub.TensorDesc(DTYPES.int8, trt_stub.ShapeExprs([8, 2, 64, 2]))
+    scales = trt_stub.TensorDesc(DTYPES.float32, trt_stub.ShapeExprs([8, 2]))
+    out = desc(x, codes, books, scales, **attrs)
+    assert list(out.shape_expr) == [max_rows, 128] and out.dtype == DTYPES.float16
+    name, ptx, params, extra = aot(x, codes, books, scales, **attrs, outputs=(out,), tactic=0)
+    assert name == kernel and name in _kernel_entries() and ptx == "// ptx for compute_80"
+    launch = trt_plugins.gemv_launch(128, 256, 2, 16, 128, 6, max_rows)
+    assert launch["rows_per_warp"] == rpw
+    assert (params.grid_x, params.grid_y, params.block_x, params.shared_mem) == (
+        *launch["grid"], launch["block"], launch["shared_mem"])
+    assert [e.value for e in extra] == [max_rows, 128, 256, 2, 16, 128, 6, launch["row_bytes"]]
+    # the harness times the same launch (no copy of the geometry there)
+    assert "trt_plugins.gemv_launch" in (ROOT / "plugins" / "harness.py").read_text()
+
+
+def test_plugin_refuses_types_its_kernel_does_not_read(plugins):
+    desc, _ = plugins["VQMatMul"]
+    attrs = dict(N=128, K=256, dim=2, group_rows=16, group_cols=128, index_bits=6, max_rows=1)
+    shapes = [[1, 256], [128, 96], [8, 2, 64, 2], [8, 2]]
+    ok = [DTYPES.float16, DTYPES.int8, DTYPES.int8, DTYPES.float32]
+    for i, bad in ((0, DTYPES.float32), (1, DTYPES.int32)):  # fp32 activations; UINT8 codes widened to INT32
+        types_ = list(ok)
+        types_[i] = bad
+        with pytest.raises(ValueError, match="the kernel reads"):
+            desc(*trt_stub.desc_from_onnx_types(types_, shapes), **attrs)
+    ew_desc, _ = plugins["VQElementwise"]
+    with pytest.raises(ValueError, match="the kernel reads"):
+        ew_desc(*trt_stub.desc_from_onnx_types([DTYPES.float32, DTYPES.int8, DTYPES.float32],
+                                               [[1, 64], [32], [16]]), index_bits=4, shape="64")
+
+
+def test_gemv_refuses_rows_past_max_rows_and_shared_memory_past_48k():
+    assert trt_plugins.gemv_supported(4096, 4096, 2, 16, 256, 6, max_rows=8) is None
+    assert "1..8 activation rows" in trt_plugins.gemv_supported(4096, 4096, 2, 16, 256, 6, max_rows=9)
+    # 8-bit indices, dim 2, 56 column groups: 56 * 256 * 2 * 4 bytes of codebooks alone
+    why = trt_plugins.gemv_supported(4096, 14336, 2, 16, 256, 8, max_rows=1)
+    assert why and "shared memory" in why and str(trt_plugins.SHARED_MEM_LIMIT) in why
+    assert "multiple of dim" in trt_plugins.gemv_supported(64, 96, 2, 4, 3, 6)
+
+
+def test_ptx_target_is_a_virtual_architecture_from_the_device(monkeypatch):
+    with pytest.raises(Exception, match="compute_XY"):
+        trt_plugins.compile_ptx("sm_90")
+    monkeypatch.setattr(trt_plugins.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    with pytest.raises(Exception, match="GPU"):
+        trt_plugins.device_arch()
+
+
+def test_prepare_gives_the_parser_int8_codes_and_fp16_activations(quantized):
+    _, q = quantized
+    model = onnx.load(step_path(q))
+    prepared, notes = prepare_for_tensorrt(model, max_rows=1)
+    inits = {t.name: t for t in prepared.graph.initializer}
+    producers = {o: n for n in prepared.graph.node for o in n.output}
+    custom = [n for n in prepared.graph.node if n.domain == "rwkvq"]
+    assert custom and notes["codes_as_int8"] > 0
+    for node in custom:
+        assert inits[node.input[1]].data_type == onnx.TensorProto.INT8
+        cast = producers[node.input[0]]
+        assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT16
+    onnx.checker.check_model(prepared)  # one Cast per activation: no duplicate tensor names
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in custom:
+        twin = onnx.numpy_helper.to_array(inits[node.input[1]])
+        assert twin.tobytes() == original[node.input[1][: -len("_int8")]].tobytes()  # the same bits
+
+
+@pytest.fixture()
+def stub_build(monkeypatch):
+    calls = trt_stub.install(monkeypatch)
+    monkeypatch.setattr("rwkvq_onnx.tensorrt_build.cuda_device_count", lambda: 1)
+    monkeypatch.setattr(trt_plugins, "device_arch", lambda device=0: "compute_90")
+    monkeypatch.setattr(trt_plugins, "compile_ptx", lambda arch: "ptx")
+    trt_plugins.register_plugins.cache_clear()
+    yield calls
+    trt_plugins.register_plugins.cache_clear()
+
+
+def test_build_engine_against_the_stub_builder(quantized, tmp_path, stub_build, capsys):
+    _, q = quantized
+    plan = tmp_path / "q.plan"
+    assert main(["build-engine", str(step_path(q)), "-o", str(plan)]) == 0
+    out = capsys.readouterr().out
+    calls = trt_stub.CALLS
+    assert calls.flags == []  # no BuilderFlag.FP16 on a STRONGLY_TYPED network
+    assert calls.network_flags == 1 << trt_stub.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert len(calls.parsed_files) == 1 and calls.parsed_bytes == 0  # parse_from_file, external data
+    for op, types_, attrs in calls.plugin_inputs:
+        assert types_[0] == DTYPES.float16 and types_[1] == DTYPES.int8, (op, types_)
+        if op == "VQMatMul":
+            assert attrs["max_rows"] == 1
+    assert set(trt_stub.REGISTRY) == {"rwkvq::VQMatMul", "rwkvq::VQElementwise"}
+    cache = Path(str(plan) + ".timing-cache")
+    assert plan.read_bytes() == b"stub engine" and cache.read_bytes() == b"timing:"
+    # profile as readable lines, not a dict of tuples
+    assert "optimization profile:" in out and "{" not in out.split("optimization profile:")[1]
+    assert re.search(r"^\s+token\s+min 1, opt 1, max 1$", out, re.M)
+    assert re.search(r"^\s+state_wkv\s+min 2x1x2x32x32, opt 2x1x2x32x32, max 2x1x2x32x32$", out, re.M)
+    assert main(["build-engine", str(step_path(q)), "-o", str(plan)]) == 0
+    assert calls.timing_cache_in == b"timing:"  # the second build starts from the first one's cache
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-batch", "9"], "1..8 activation rows"),
+    (["--fp16"], "export with --fp16"),
+])
+def test_build_engine_refuses_what_the_plugins_cannot_run(quantized, tmp_path, stub_build, capsys, args, needle):
+    _, q = quantized
+    assert main(["build-engine", str(step_path(q)), "-o", str(tmp_path / "x.plan"), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert trt_stub.CALLS.flags == [] and not (tmp_path / "x.plan").exists()
+
+
+def test_build_engine_refuses_sequence_graphs_past_max_rows(quantized, tmp_path, stub_build, capsys):
+    _, q = quantized
+    assert main(["build-engine", str(q), "-o", str(tmp_path / "s.plan"), "--max-seq", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "16" in err and "step graph" in err and len(err.strip().splitlines()) == 1
+    assert main(["build-engine", str(q), "-o", str(tmp_path / "s.plan"), "--max-seq", "8"]) == 0
+
+
+def test_build_engine_serving_variant_has_batch_first_profile(quantized, tmp_path, stub_build, capsys):
+    _, q = quantized
+    plan = tmp_path / "b.plan"
+    assert main(["build-engine", str(step_path(q)), "-o", str(plan), "--serving", "--max-batch", "4"]) == 0
+    wkv = trt_stub.CALLS.profile["state_wkv"]
+    assert wkv[2] == (4, 2, 2, 32, 32)  # [B, L, H, N, N]
+    import json
+
+    assert json.loads(Path(str(plan) + ".json").read_text())["state_layout"] == "batch_first"
+
+
+def test_extras_declare_tensorrt_lower_bound_and_grpc_client():
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib needs Python 3.11")
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(re.fullmatch(r"tensorrt>=10\.(9|[1-9]\d)(\.\d+)*", d) for d in extras["tensorrt"])
+    assert any(d.startswith("tritonclient[grpc]") for d in extras["deploy"])
+
+
+def test_harness_rotates_weights_out_of_l2():
+    from rwkvq_onnx.plugins import harness
+
+    mib = 1 << 20
+    # H100: 50 MiB L2. A 4096x4096 fp16 matrix (32 MiB) fits in L2 alone; a 3-bit VQ set (~6.1 MiB) easily.
+    for set_bytes in (32 * mib, 6 * mib + 12345, 200 * mib):
+        n = harness.rotation_count(set_bytes, 50 * mib)
+        assert n >= 2 and n * set_bytes >= harness.L2_FACTOR * 50 * mib
+        assert (n - 1) * set_bytes < harness.L2_FACTOR * 50 * mib or n == 2  # no more copies than needed
+    with pytest.raises(ValueError):
+        harness.rotation_count(1 << 20, 50 * mib, max_bytes=64 * mib)
+    with pytest.raises(ValueError):
+        harness.rotation_count(0, 50 * mib)
+    assert harness.fast_path_ok(dict(N=4096, K=4096, dim=2, group_rows=16, group_cols=256, index_bits=6), 1)
+    assert not harness.fast_path_ok(dict(N=4096, K=4096, dim=2, group_rows=16, group_cols=256, index_bits=6), 9)
