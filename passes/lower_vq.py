@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rwkvq_onnx import ops
+from rwkvq_onnx.names import DOMAIN
+from rwkvq_onnx.opspec.bitpack import unpack_bits
 from rwkvq_onnx.graph import get_initializer, remove_unused
 
 from .base import PassResult
@@ -34,7 +35,7 @@ class LowerVQ:
         result = PassResult(self.name)
         nodes = []
         for node in model.graph.node:
-            if node.domain != ops.DOMAIN:
+            if node.domain != DOMAIN:
                 nodes.append(node)
                 continue
             a = _attrs(node)
@@ -44,7 +45,7 @@ class LowerVQ:
                 codes, books, scales = (get_initializer(model, n) for n in node.input[1:4])
                 N, K, d, gr, gc, bits = (int(a[k]) for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits"))
                 R, C, E, _ = books.shape
-                idx = ops.unpack_rows(codes, bits, K // d)
+                idx = unpack_bits(codes, bits, K // d)
                 rb = np.arange(N)[:, None] // gr
                 cb = (np.arange(K // d) * d)[None, :] // gc
                 flat = ((rb * C + cb) * E + idx).astype(np.int32)
@@ -62,7 +63,7 @@ class LowerVQ:
                 codes, book = get_initializer(model, node.input[1]), get_initializer(model, node.input[2])
                 shape = [int(s) for s in a["shape"].decode().split(",")] if isinstance(a["shape"], bytes) \
                     else [int(s) for s in str(a["shape"]).split(",")]
-                idx = ops.unpack_rows(codes.reshape(1, -1), int(a["index_bits"]), int(np.prod(shape)))[0]
+                idx = unpack_bits(codes, int(a["index_bits"]), int(np.prod(shape)))
                 model.graph.initializer.extend([
                     numpy_helper.from_array(idx.astype(np.int32).reshape(shape), base + "_index"),
                     numpy_helper.from_array(book.astype(np.float32), base + "_book")])
@@ -75,7 +76,7 @@ class LowerVQ:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         remove_unused(model)
-        keep = [o for o in model.opset_import if o.domain != ops.DOMAIN]
+        keep = [o for o in model.opset_import if o.domain != DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(keep)
         return result

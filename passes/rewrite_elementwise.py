@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rwkvq_onnx import ops
+from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
+from rwkvq_onnx.opspec import vq_elementwise
 from rwkvq_onnx.graph import consumers, ensure_opset, get_initializer, set_initializer
 
 from rwkvq_onnx.quant.formats import Payloads
@@ -40,17 +41,18 @@ class RewriteElementwise:
                 result.count("folded")
                 continue
             mul = muls[0]
-            arrays, attrs = ops.vq_elementwise_inputs(q)
+            arrays, checked = vq_elementwise.pack(q)
+            attrs = checked.as_dict()
             names = [f"{name}_codes", f"{name}_codebook"]
             model.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(arrays.values(), names))
             x = mul.input[0] if mul.input[1] == name else mul.input[1]
             replace[id(mul)] = helper.make_node(
-                "VQElementwise", [x, *names], list(mul.output), name=mul.name, domain=ops.DOMAIN,
+                "VQElementwise", [x, *names], list(mul.output), name=mul.name, domain=DOMAIN,
                 index_bits=attrs["index_bits"], shape=",".join(str(s) for s in orig.shape))
             result.count("vq_elementwise")
         if replace:
             nodes = [replace.get(id(n), n) for n in model.graph.node]
             del model.graph.node[:]
             model.graph.node.extend(nodes)
-            ensure_opset(model, ops.DOMAIN, ops.OPSET_VERSION)
+            ensure_opset(model, DOMAIN, OPSET_VERSION)
         return result

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rwkvq_onnx import ops
+from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
+from rwkvq_onnx.opspec import vq_matmul
 from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.graph import ensure_opset
 from rwkvq_onnx.quant import VectorQuantized
@@ -36,7 +37,8 @@ class RewriteVector:
             q = targets[w]
             if q.codebook_bits > 8:
                 raise ConfigError(f"{w}: rwkvq.VQMatMul stores 8-bit codebooks, got {q.codebook_bits}-bit")
-            arrays, attrs = ops.vq_matmul_inputs(q)
+            arrays, checked = vq_matmul.pack(q)
+            attrs = checked.as_dict()
             names = [f"{w}_{k}" for k in arrays]
             model.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(arrays.values(), names))
             fp16 = inits[w].data_type == TensorProto.FLOAT16
@@ -45,7 +47,7 @@ class RewriteVector:
             if fp16:
                 nodes.append(helper.make_node("Cast", [x], [w + "_x32"], to=TensorProto.FLOAT))
                 x, y = w + "_x32", w + "_y32"
-            nodes.append(helper.make_node("VQMatMul", [x, *names], [y], name=node.name, domain=ops.DOMAIN, **attrs))
+            nodes.append(helper.make_node("VQMatMul", [x, *names], [y], name=node.name, domain=DOMAIN, **attrs))
             if fp16:
                 nodes.append(helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.FLOAT16))
             result.count("vq_matmul")
@@ -53,5 +55,5 @@ class RewriteVector:
 
         rewrite_weight_matmuls(model, targets, replace)
         if result.counts:
-            ensure_opset(model, ops.DOMAIN, ops.OPSET_VERSION)
+            ensure_opset(model, DOMAIN, OPSET_VERSION)
         return result

@@ -30,7 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rwkvq_onnx import ops  # noqa: E402
+from rwkvq_onnx.opspec.bitpack import pack_bits  # noqa: E402
+from rwkvq_onnx.opspec import vq_elementwise, vq_matmul  # noqa: E402
 from rwkvq_onnx.plugins import trt_plugins  # noqa: E402
 
 SOURCE = Path(__file__).with_name("rwkvq_kernels.cu")
@@ -66,7 +67,7 @@ def random_payload(rng, n, k, dim, bits_per_weight, group_rows, group_cols):
     R, C = -(-n // group_rows), -(-k // group_cols)
     books = rng.integers(-127, 128, size=(R, C, 1 << index_bits, dim)).astype(np.int8)
     scales = (rng.random((R, C)) * 0.01 + 0.001).astype(np.float32)
-    packed = ops.pack_rows(codes, index_bits)
+    packed = pack_bits(codes, index_bits)
     attrs = dict(N=n, K=k, dim=dim, group_rows=group_rows, group_cols=group_cols, index_bits=index_bits)
     return packed, books, scales, attrs
 
@@ -110,7 +111,7 @@ def check_correctness(mod, rng) -> list[dict]:
     cases = [(256, 512, 2, 3, 16, 256), (300, 256, 1, 3, 7, 128), (128, 512, 4, 2, 8, 64), (64, 1024, 2, 4, 13, 512)]
     for n, k, dim, bpw, gr, gc in cases:
         packed, books, scales, attrs = random_payload(rng, n, k, dim, bpw, gr, gc)
-        w = ops.vq_weight(packed, books, scales, **attrs)
+        w = vq_matmul.decode_weight(packed, books, scales, **attrs)
         d_packed, d_books, d_scales = cp.asarray(packed), cp.asarray(books), cp.asarray(scales)
         for B in (1, 3, 8):
             x = rng.standard_normal((B, k)).astype(np.float16)
@@ -132,9 +133,9 @@ def check_correctness(mod, rng) -> list[dict]:
     for n, bits in ((768, 4), (64 * 12, 3), (100, 5)):
         codes = rng.integers(0, 1 << bits, size=n)
         book = rng.standard_normal(1 << bits).astype(np.float32)
-        packed = ops.pack_rows(codes.reshape(1, -1), bits)[0]
+        packed = pack_bits(codes, bits)
         x = rng.standard_normal((2, 5, n)).astype(np.float32)
-        ref = ops.vq_elementwise(x, packed, book, index_bits=bits, shape=[n])
+        ref = vq_elementwise.reference(x, packed, book, index_bits=bits, shape=[n])
         for dtype, fn in ((np.float16, "rwkvq_vq_elementwise"), (np.float32, "rwkvq_vq_elementwise_f32")):
             dx = cp.asarray(x.astype(dtype))
             dy = cp.empty_like(dx)

@@ -38,8 +38,13 @@ from types import SimpleNamespace
 from typing import Optional, Tuple, Union
 
 from rwkvq_onnx.errors import ConfigError, MissingDependencyError
+from rwkvq_onnx.names import DOMAIN
+from rwkvq_onnx.opspec import vq_elementwise, vq_matmul
 
-NAMESPACE = "rwkvq"
+NAMESPACE = DOMAIN  # the ONNX parser maps rwkvq nodes to plugins of this namespace (plugin_namespace attribute)
+# Attributes each plugin is registered with: the op spec's, plus the row bound build-engine adds to VQMatMul.
+PLUGIN_ATTRIBUTES = {vq_matmul.OP_TYPE: (*vq_matmul.ATTRIBUTES, "max_rows"),
+                     vq_elementwise.OP_TYPE: vq_elementwise.ATTRIBUTES}
 GEMV_WARPS = 8
 MAX_ROWS = 8  # RWKVQ_MAX_BATCH in rwkvq_kernels.cu: rows past it would never be written
 DECODE_ROWS_PER_WARP = 2  # RWKVQ_DECODE_ROWS_PER_WARP in rwkvq_kernels.cu
@@ -109,25 +114,27 @@ def gemv_launch(N: int, K: int, dim: int, group_rows: int, group_cols: int, inde
     One activation row (decode at batch 1) runs the <MAXB=1, RPW=2> instance that the harness benchmarks;
     more rows run <MAXB=8, RPW=1>. One source for the plugin, the harness and the tests."""
     rpw = DECODE_ROWS_PER_WARP if max_rows == 1 else 1
+    row_bytes = vq_matmul.Attributes(N, K, dim, group_rows, group_cols, index_bits).row_bytes
     C = K // group_cols
     warps = max(1, min(GEMV_WARPS, -(-group_rows // rpw)))
     smem = 4 * (C * (1 << index_bits) * dim + warps * rpw * (32 * index_bits + 1))
     return {"kernel": DECODE_KERNEL if max_rows == 1 else BATCH_KERNEL, "rows_per_warp": rpw,
             "grid": (-(-N // group_rows), -(-group_rows // (warps * rpw))), "block": 32 * warps,
-            "shared_mem": smem, "row_bytes": -(-(K // dim) * index_bits // 8)}
+            "shared_mem": smem, "row_bytes": row_bytes}
 
 
 def gemv_supported(N: int, K: int, dim: int, group_rows: int, group_cols: int, index_bits: int,
                    max_rows: int = MAX_ROWS) -> Optional[str]:
-    """Why the TensorRT VQ GEMV cannot take this layout or row count, or None."""
+    """Why the TensorRT VQ GEMV cannot take this layout or row count, or None (a layout the op spec refuses
+    raises its ConfigError)."""
+    vq_matmul.validate(dict(N=N, K=K, dim=dim, group_rows=group_rows, group_cols=group_cols,
+                            index_bits=index_bits), node="gemv layout")
     if not 1 <= max_rows <= MAX_ROWS:
         return f"it computes 1..{MAX_ROWS} activation rows per call, the engine needs up to {max_rows}"
     if K % group_cols:
         return f"K={K} is not a multiple of group_cols={group_cols}"
-    if group_cols % dim:
-        return f"group_cols={group_cols} is not a multiple of dim={dim}"
-    if dim not in (1, 2, 4) or not 1 <= index_bits <= 16:
-        return f"dim={dim}, index_bits={index_bits} (needs dim 1, 2 or 4 and 1..16 index bits)"
+    if dim not in (1, 2, 4):
+        return f"dim={dim} (the CUDA GEMV is instantiated for dim 1, 2 and 4)"
     launch = gemv_launch(N, K, dim, group_rows, group_cols, index_bits, max_rows)
     if launch["row_bytes"] % 4:
         return f"code rows of {launch['row_bytes']} bytes are not 4-byte aligned"
@@ -157,7 +164,7 @@ def define_plugins(trtp, dtypes, arch: str) -> dict:
         _check_types("VQMatMul", {"x": x.dtype, "codes": codes.dtype, "codebooks": codebooks.dtype,
                                   "scales": scales.dtype},
                      {"x": dtypes.float16, "codes": dtypes.int8, "codebooks": dtypes.int8, "scales": dtypes.float32})
-        why = gemv_supported(N, K, dim, group_rows, group_cols, index_bits, max_rows)
+        why = gemv_supported(N, K, dim, group_rows, group_cols, index_bits, max_rows)  # validates via the spec
         if why:
             raise ValueError(f"{NAMESPACE}::VQMatMul: {why}")
         out = x.like()
@@ -186,6 +193,7 @@ def define_plugins(trtp, dtypes, arch: str) -> dict:
                             index_bits: int, shape: str) -> trtp.TensorDesc:
         _check_types("VQElementwise", {"x": x.dtype, "codes": codes.dtype, "codebook": codebook.dtype},
                      {"x": dtypes.float16, "codes": dtypes.int8, "codebook": dtypes.float32})
+        vq_elementwise.validate({"index_bits": index_bits, "shape": shape}, node="VQElementwise plugin")
         return x.like()
 
     @trtp.aot_impl(f"{NAMESPACE}::VQElementwise")
@@ -193,9 +201,8 @@ def define_plugins(trtp, dtypes, arch: str) -> dict:
                            index_bits: int, shape: str, outputs: Tuple[trtp.TensorDesc], tactic: int
                            ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
                                       trtp.SymIntExprs]:
-        n = 1
-        for s in shape.split(","):
-            n *= int(s)
+        a = vq_elementwise.validate({"index_bits": index_bits, "shape": shape}, node="VQElementwise plugin")
+        n = a.count
         total = x.shape_expr.numel()
         params = trtp.KernelLaunchParams()
         params.grid_x = trtp.cdiv(total, 256)
@@ -204,7 +211,7 @@ def define_plugins(trtp, dtypes, arch: str) -> dict:
         extra[0] = trtp.SymInt32(total)
         extra[1] = trtp.SymInt32(n)
         extra[2] = trtp.SymInt32(index_bits)
-        extra[3] = trtp.SymInt32(-(-n * index_bits // 8))
+        extra[3] = trtp.SymInt32(a.codes_bytes)
         return ELEMENTWISE_KERNEL, compile_ptx(arch), params, extra
 
     return {"VQMatMul": (vq_matmul_desc, vq_matmul_aot), "VQElementwise": (vq_elementwise_desc, vq_elementwise_aot)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ops
+from .opspec import vq_matmul as vq_matmul_spec
 
 GEMV_MAX_ROWS = 4  # RWKVQ_GEMV_MAX_ROWS in plugins/rwkvq_cpu.h: above it the tiled GEMM runs
 
@@ -55,10 +55,11 @@ def _ptr(a: np.ndarray) -> ctypes.c_void_p:
 
 def vq_decode(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, *, N: int, K: int, dim: int,
               group_rows: int, group_cols: int, index_bits: int) -> np.ndarray:
+    attrs = dict(N=N, K=K, dim=dim, group_rows=group_rows, group_cols=group_cols, index_bits=index_bits)
     lib = library()
     if lib is None:
-        return ops.vq_weight(codes, codebooks, scales, N=N, K=K, dim=dim, group_rows=group_rows,
-                             group_cols=group_cols, index_bits=index_bits)
+        return vq_matmul_spec.decode_weight(codes, codebooks, scales, **attrs)
+    vq_matmul_spec.validate(attrs, codes, codebooks, scales, node="vq_decode")  # the C code trusts its sizes
     codes, books = np.ascontiguousarray(codes, np.uint8), np.ascontiguousarray(codebooks, np.int8)
     scales = np.ascontiguousarray(scales, np.float32)
     w = np.empty((N, K), np.float32)
@@ -70,17 +71,18 @@ def vq_decode(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, *, N
 
 def vq_matmul(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, *, N: int, K: int,
               dim: int, group_rows: int, group_cols: int, index_bits: int, kernel: str = "auto") -> np.ndarray:
-    """y = x @ W^T for a vector-quantized W (same result as `ops.vq_matmul`, float32).
+    """y = x @ W^T for a vector-quantized W (same result as `opspec.vq_matmul.reference`, float32).
 
     kernel: "auto" (GEMV up to GEMV_MAX_ROWS activation rows, else GEMM), "gemv" or "gemm" (for tests).
     """
+    attrs = dict(N=N, K=K, dim=dim, group_rows=group_rows, group_cols=group_cols, index_bits=index_bits)
     lib = library()
     x = np.asarray(x, np.float32)
     lead = x.shape[:-1]
     x2 = np.ascontiguousarray(x.reshape(-1, K))
     if lib is None:
-        return ops.vq_matmul(x, codes, codebooks, scales, N=N, K=K, dim=dim, group_rows=group_rows,
-                             group_cols=group_cols, index_bits=index_bits).astype(np.float32)
+        return vq_matmul_spec.reference(x, codes, codebooks, scales, **attrs).astype(np.float32)
+    vq_matmul_spec.validate(attrs, codes, codebooks, scales, node="vq_matmul")  # the C code trusts its sizes
     fn = {"auto": lib.rwkvq_vq_matmul, "gemv": lib.rwkvq_vq_gemv, "gemm": lib.rwkvq_vq_gemm}[kernel]
     codes, books = np.ascontiguousarray(codes, np.uint8), np.ascontiguousarray(codebooks, np.int8)
     scales = np.ascontiguousarray(scales, np.float32)

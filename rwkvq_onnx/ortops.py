@@ -8,7 +8,11 @@ as Python functions (correct, but each call costs a Python round trip).
 """
 from __future__ import annotations
 
-from . import cpu_kernels, ops
+import numpy as np
+
+from . import cpu_kernels
+from .names import DOMAIN
+from .opspec import vq_elementwise, vq_matmul
 
 _REGISTERED = False
 
@@ -28,18 +32,19 @@ def register_python_ops() -> str:
     from onnxruntime_extensions import get_library_path, onnx_op
 
     if not _REGISTERED:
-        @onnx_op(op_type=f"{ops.DOMAIN}::VQMatMul", inputs=[T.dt_float, T.dt_uint8, T.dt_int8, T.dt_float],
-                 outputs=[T.dt_float], attrs={"N": T.dt_int64, "K": T.dt_int64, "dim": T.dt_int64,
-                                              "group_rows": T.dt_int64, "group_cols": T.dt_int64,
-                                              "index_bits": T.dt_int64})
-        def vq_matmul(x, codes, codebooks, scales, **attrs):
+        dtypes = {np.dtype(np.float32): T.dt_float, np.dtype(np.uint8): T.dt_uint8, np.dtype(np.int8): T.dt_int8}
+
+        @onnx_op(op_type=f"{DOMAIN}::{vq_matmul.OP_TYPE}", inputs=[dtypes[d] for d in vq_matmul.INPUT_DTYPES],
+                 outputs=[dtypes[vq_matmul.OUTPUT_DTYPE]], attrs={k: T.dt_int64 for k in vq_matmul.ATTRIBUTES})
+        def run_vq_matmul(x, codes, codebooks, scales, **attrs):
             return cpu_kernels.vq_matmul(x, codes, codebooks, scales, **{k: int(v) for k, v in attrs.items()})
 
-        @onnx_op(op_type=f"{ops.DOMAIN}::VQElementwise", inputs=[T.dt_float, T.dt_uint8, T.dt_float],
-                 outputs=[T.dt_float], attrs={"index_bits": T.dt_int64, "shape": T.dt_string})
-        def vq_elementwise(x, codes, codebook, **attrs):
-            shape = [int(s) for s in str(attrs["shape"]).split(",")]
-            return ops.vq_elementwise(x, codes, codebook, index_bits=int(attrs["index_bits"]), shape=shape)
+        @onnx_op(op_type=f"{DOMAIN}::{vq_elementwise.OP_TYPE}",
+                 inputs=[dtypes[d] for d in vq_elementwise.INPUT_DTYPES],
+                 outputs=[dtypes[vq_elementwise.OUTPUT_DTYPE]], attrs={"index_bits": T.dt_int64, "shape": T.dt_string})
+        def run_vq_elementwise(x, codes, codebook, **attrs):
+            return vq_elementwise.reference(x, codes, codebook, index_bits=int(attrs["index_bits"]),
+                                            shape=str(attrs["shape"]))
 
         _REGISTERED = True
     return get_library_path()

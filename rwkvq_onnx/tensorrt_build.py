@@ -29,10 +29,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import ops
 from .atomic import atomic_path, check_writable, write_text
 from .errors import ConfigError, MissingDependencyError, OutputError
 from .export import read_config
+from .names import DOMAIN, DTYPE_KEY
+from .opspec import vq_elementwise, vq_matmul
 
 TENSORRT_HINT = ("install TensorRT 10.9 or later (pip install 'rwkvq-onnx[tensorrt]') on a machine with an NVIDIA "
                  "GPU and driver; see README, 'GPU deployment'")
@@ -106,8 +107,37 @@ def plugin_rows(model: onnx.ModelProto, max_batch: int, max_seq: int) -> int:
     return max_batch if is_step_graph(model) else max_batch * max_seq
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+SPECS = {vq_matmul.OP_TYPE: vq_matmul, vq_elementwise.OP_TYPE: vq_elementwise}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of an initializer, read from its header (no data loaded), for the spec checks."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def check_custom_nodes(model: onnx.ModelProto) -> dict[str, object]:
+    """Validate every rwkvq node with its op spec (attributes against the initializer shapes and dtypes);
+    returns the checked Attributes by node name. A corrupted node is a one-line ConfigError naming it."""
+    inits = {t.name: TensorInfo(tuple(t.dims), np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
+             for t in model.graph.initializer}
+    checked = {}
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        spec = SPECS.get(node.op_type)
+        if spec is None:
+            raise ConfigError(f"node '{node.name}': unknown op {DOMAIN}.{node.op_type}")
+        if len(node.input) != len(spec.INPUTS):
+            raise ConfigError(f"{spec.QUALIFIED} node '{node.name}': {len(node.input)} inputs, "
+                              f"expected {len(spec.INPUTS)}")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
+                 if a.name not in ("plugin_namespace", "plugin_version", "max_rows")}
+        weights = {name: inits.get(tensor) for name, tensor in zip(spec.INPUTS[1:], node.input[1:])}
+        checked[node.name] = spec.validate(attrs, **weights, node=node.name)
+    return checked
 
 
 def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onnx.ModelProto, dict]:
@@ -128,17 +158,17 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
             raise ConfigError("TensorRT cannot parse com.microsoft.MatMulNBits: quantize with --sq-format qdq")
         if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[2] in inits:
             raise ConfigError("TensorRT dequantizes with zero point 0: quantize with --sym sym for TensorRT")
+    checked = check_custom_nodes(m)
     new_nodes: list[onnx.NodeProto] = []
     fp16_inputs: dict[str, str] = {}  # activation -> its fp16 Cast (one per tensor, shared by its plugins)
     int8_codes: dict[str, str] = {}  # uint8 codes initializer -> its int8 twin
     for node in m.graph.node:
-        if node.domain != ops.DOMAIN:
+        if node.domain != DOMAIN:
             new_nodes.append(node)
             continue
         if node.op_type == "VQMatMul":
-            a = _attrs(node)
-            layout = [int(a[k]) for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits")]
-            why = gemv_supported(*layout, max_rows=max_rows)
+            a = checked[node.name]
+            why = gemv_supported(*(getattr(a, k) for k in vq_matmul.ATTRIBUTES), max_rows=max_rows)
             if why:
                 hint = ("build the step graph (NAME.step.onnx) with --max-batch <= "
                         f"{MAX_ROWS}, or quantize with --lower-vq" if max_rows > MAX_ROWS
@@ -160,7 +190,7 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
             raise ConfigError(f"{node.name}: codes '{codes}' are "
                               f"{TensorProto.DataType.Name(inits[codes].data_type)}, expected UINT8 or INT8")
         notes["plugins"][node.op_type] = notes["plugins"].get(node.op_type, 0) + 1
-        node.attribute.extend([helper.make_attribute("plugin_namespace", ops.DOMAIN),
+        node.attribute.extend([helper.make_attribute("plugin_namespace", DOMAIN),
                                helper.make_attribute("plugin_version", "1")])
         x = node.input[0]
         if x not in fp16_inputs:
@@ -215,7 +245,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, fp16: bool = F
     except Exception as exc:
         raise ConfigError(f"cannot read ONNX model: {str(exc).splitlines()[0] if str(exc) else exc}", onnx_path) from None
     config = read_config(model)
-    graph_fp16 = {p.key: p.value for p in model.metadata_props}.get("rwkvq.dtype") == "float16"
+    graph_fp16 = {p.key: p.value for p in model.metadata_props}.get(DTYPE_KEY) == "float16"
     if fp16 and not graph_fp16:
         raise ConfigError("--fp16: a strongly typed network takes its precision from the graph; "
                           "export with --fp16 instead", onnx_path)

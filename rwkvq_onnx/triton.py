@@ -41,6 +41,7 @@ import onnx
 from .checkpoint import ModelConfig
 from .errors import ConfigError, MissingDependencyError, OutputError, RwkvqError
 from .export import read_config, step_path
+from .names import DOMAIN, GRAPH_KEY
 
 OP_LIBRARY_NAME = "librwkvq_ort_ops.so"
 # Triton names a model by its folder: one path component. Letters, digits, '_', '-', '.', not starting with '.'.
@@ -150,10 +151,16 @@ def load_onnx(path: Path) -> onnx.ModelProto:
 
 
 def check_custom_ops(model: onnx.ModelProto, path: Path) -> None:
-    """Refuse a model whose rwkvq nodes the native op library would refuse (attributes vs initializer shapes),
-    by opening it in onnxruntime with that library, as the server will."""
+    """Refuse a model with a corrupted rwkvq node (each checked by its op spec: attributes against initializer
+    shapes and dtypes), then one that does not open in onnxruntime with the native op library, as the server
+    will open it."""
     from .runtime import open_session_from_model
+    from .tensorrt_build import check_custom_nodes
 
+    try:
+        check_custom_nodes(model)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), path) from None
     try:
         open_session_from_model(model, threads=1)
     except Exception as exc:
@@ -187,7 +194,7 @@ def _prepare_onnx(model_path: Path, name: str, final: Path, kind: str | None, in
     model = load_onnx(model_path)
     config = read_config(model)
     source = model_path
-    if {p.key: p.value for p in model.metadata_props}.get("rwkvq.graph") != "step":
+    if {p.key: p.value for p in model.metadata_props}.get(GRAPH_KEY) != "step":
         sibling = step_path(model_path)
         if not sibling.is_file():
             raise ConfigError("Triton sends one token per request, which needs the step graph: export with "
@@ -195,7 +202,7 @@ def _prepare_onnx(model_path: Path, name: str, final: Path, kind: str | None, in
         source, model = sibling, load_onnx(sibling)
         config = read_config(model)
         log(f"using the step graph {sibling.name} beside {model_path.name}: Triton sends one token per request")
-    custom = sorted({n.op_type for n in model.graph.node if n.domain == "rwkvq"})
+    custom = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
     if custom:
         check_custom_ops(model, source)
     if max_batch < 1:

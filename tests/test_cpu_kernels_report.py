@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rwkvq_onnx import cpu_kernels, ops
+from rwkvq_onnx import cpu_kernels
+from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
+from rwkvq_onnx.opspec import vq_elementwise, vq_matmul
+from rwkvq_onnx.opspec.bitpack import pack_bits
 from rwkvq_onnx.cli import main
 
 from .conftest import GOLDEN_TEXT
@@ -23,7 +26,7 @@ def _payload(rng, n, k, dim, bpw, gr, gc):
     R, C = -(-n // gr), -(-k // gc)
     books = rng.integers(-127, 128, size=(R, C, 1 << ib, dim)).astype(np.int8)
     scales = (rng.random((R, C)) * 0.01 + 1e-3).astype(np.float32)
-    return ops.pack_rows(codes, ib), books, scales, dict(N=n, K=k, dim=dim, group_rows=gr, group_cols=gc,
+    return pack_bits(codes, ib), books, scales, dict(N=n, K=k, dim=dim, group_rows=gr, group_cols=gc,
                                                          index_bits=ib)
 
 
@@ -39,27 +42,27 @@ def test_vq_matmul_kernel_equals_reference(shape, rows):
     rng = np.random.default_rng(sum(shape) + rows)
     packed, books, scales, attrs = _payload(rng, *shape)
     x = rng.standard_normal((rows, shape[1])).astype(np.float32)
-    ref = ops.vq_matmul(x, packed, books, scales, **attrs)
+    ref = vq_matmul.reference(x, packed, books, scales, **attrs)
     for kernel in ("auto", "gemv", "gemm"):
         got = cpu_kernels.vq_matmul(x, packed, books, scales, kernel=kernel, **attrs)
         assert got.shape == ref.shape
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), kernel
     np.testing.assert_array_equal(cpu_kernels.vq_decode(packed, books, scales, **attrs),
-                                  ops.vq_weight(packed, books, scales, **attrs))
+                                  vq_matmul.decode_weight(packed, books, scales, **attrs))
 
 
 def _rwkvq_model(packed, books, scales, attrs, ev_codes, ev_book, ev_shape):
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes = [helper.make_node("VQMatMul", ["x", "codes", "books", "scales"], ["y"], domain=ops.DOMAIN, **attrs),
-             helper.make_node("VQElementwise", ["x", "ecodes", "ebook"], ["z"], domain=ops.DOMAIN, index_bits=4,
+    nodes = [helper.make_node("VQMatMul", ["x", "codes", "books", "scales"], ["y"], domain=DOMAIN, **attrs),
+             helper.make_node("VQElementwise", ["x", "ecodes", "ebook"], ["z"], domain=DOMAIN, index_bits=4,
                               shape=",".join(map(str, ev_shape)))]
     inits = [numpy_helper.from_array(a, n) for a, n in [(packed, "codes"), (books, "books"), (scales, "scales"),
                                                         (ev_codes, "ecodes"), (ev_book, "ebook")]]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", "k"])],
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yz"], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                   helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
+                                                   helper.make_opsetid(DOMAIN, OPSET_VERSION)])
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -76,7 +79,7 @@ def test_onnxruntime_ops_equal_reference(native):
     rng = np.random.default_rng(7)
     packed, books, scales, attrs = _payload(rng, 640, 512, 2, 3, 16, 256)
     ev = rng.integers(0, 16, size=512)
-    ev_codes, ev_book = ops.pack_rows(ev.reshape(1, -1), 4)[0], rng.standard_normal(16).astype(np.float32)
+    ev_codes, ev_book = pack_bits(ev, 4), rng.standard_normal(16).astype(np.float32)
     model = _rwkvq_model(packed, books, scales, attrs, ev_codes, ev_book, (1, 1, 512))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
@@ -85,10 +88,10 @@ def test_onnxruntime_ops_equal_reference(native):
     for b, t in [(1, 1), (2, 3), (1, 40)]:
         x = rng.standard_normal((b, t, 512)).astype(np.float32)
         y, z = sess.run(None, {"x": x})
-        ref = ops.vq_matmul(x, packed, books, scales, **attrs)
+        ref = vq_matmul.reference(x, packed, books, scales, **attrs)
         assert y.shape == ref.shape
         assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
-        zr = ops.vq_elementwise(x, ev_codes, ev_book, index_bits=4, shape=[1, 1, 512])
+        zr = vq_elementwise.reference(x, ev_codes, ev_book, index_bits=4, shape=[1, 1, 512])
         assert z.shape == zr.shape
         np.testing.assert_array_equal(z, zr)
     if native:
@@ -106,7 +109,7 @@ def test_native_ops_reject_a_bad_input_shape():
 
     rng = np.random.default_rng(8)
     packed, books, scales, attrs = _payload(rng, 32, 64, 2, 3, 16, 64)
-    model = _rwkvq_model(packed, books, scales, attrs, ops.pack_rows(np.zeros((1, 64), int), 4)[0],
+    model = _rwkvq_model(packed, books, scales, attrs, pack_bits(np.zeros((1, 64), int), 4)[0],
                          np.ones(16, np.float32), (1, 1, 64))
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(register())

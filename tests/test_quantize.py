@@ -11,7 +11,8 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from rwkvq_onnx import ops
+from rwkvq_onnx.names import DOMAIN
+from rwkvq_onnx.opspec import vq_elementwise, vq_matmul
 from rwkvq_onnx.checkpoint import load_checkpoint
 from rwkvq_onnx.cli import main
 from rwkvq_onnx.evaluate import evaluate_text
@@ -149,8 +150,8 @@ def test_lowered_graph_runs_without_custom_ops_and_matches(fixture_export, tmp_p
     _q(fp, custom, bpw=3.275)
     _q(fp, lowered, bpw=3.275, lower_vq=True)
     model = onnx.load(lowered)
-    assert not any(o.domain == ops.DOMAIN for o in model.opset_import)
-    assert not any(n.domain == ops.DOMAIN for n in model.graph.node)
+    assert not any(o.domain == DOMAIN for o in model.opset_import)
+    assert not any(n.domain == DOMAIN for n in model.graph.node)
     plain = ort.InferenceSession(str(lowered), providers=["CPUExecutionProvider"])  # no custom-op library
     toks = golden_tokens()[None, :64]
     c = RwkvSession(custom).config
@@ -166,20 +167,20 @@ def test_lowered_graph_runs_without_custom_ops_and_matches(fixture_export, tmp_p
 
 
 class _VQMatMulRef(OpRun):
-    op_domain = ops.DOMAIN
+    op_domain = DOMAIN
 
     def _run(self, x, codes, codebooks, scales, N=None, K=None, dim=None, group_rows=None, group_cols=None,
              index_bits=None):
-        return (ops.vq_matmul(x, codes, codebooks, scales, N=N, K=K, dim=dim, group_rows=group_rows,
-                              group_cols=group_cols, index_bits=index_bits),)
+        return (vq_matmul.reference(x, codes, codebooks, scales, N=N, K=K, dim=dim, group_rows=group_rows,
+                                    group_cols=group_cols, index_bits=index_bits),)
 
 
 class _VQElementwiseRef(OpRun):
-    op_domain = ops.DOMAIN
+    op_domain = DOMAIN
 
     def _run(self, x, codes, codebook, index_bits=None, shape=None):
         shape = [int(s) for s in (shape.decode() if isinstance(shape, bytes) else shape).split(",")]
-        return (ops.vq_elementwise(x, codes, codebook, index_bits=index_bits, shape=shape),)
+        return (vq_elementwise.reference(x, codes, codebook, index_bits=index_bits, shape=shape),)
 
 
 _VQMatMulRef.__name__ = "VQMatMul"

@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from rwkvq_onnx.cli import main
+from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.export import step_path
 from rwkvq_onnx.plugins import trt_plugins
 from rwkvq_onnx.tensorrt_build import prepare_for_tensorrt
@@ -55,7 +56,8 @@ def test_plugin_definitions_pass_tensorrts_registration_checks(plugins):
     for plugin_id, entry in trt_stub.REGISTRY.items():
         assert "aot" in entry, plugin_id
         assert entry["tensors"][0] == "x" and len(entry["tensors"]) in (3, 4)
-    assert "max_rows" in trt_stub.REGISTRY["rwkvq::VQMatMul"]["attrs"]
+    for op, attrs in trt_plugins.PLUGIN_ATTRIBUTES.items():  # the op spec's attributes (+ max_rows)
+        assert tuple(trt_stub.REGISTRY[f"rwkvq::{op}"]["attrs"]) == attrs
 
 
 def test_stub_rejects_what_tensorrt_rejects():
@@ -127,7 +129,8 @@ def test_gemv_refuses_rows_past_max_rows_and_shared_memory_past_48k():
     # 8-bit indices, dim 2, 56 column groups: 56 * 256 * 2 * 4 bytes of codebooks alone
     why = trt_plugins.gemv_supported(4096, 14336, 2, 16, 256, 8, max_rows=1)
     assert why and "shared memory" in why and str(trt_plugins.SHARED_MEM_LIMIT) in why
-    assert "multiple of dim" in trt_plugins.gemv_supported(64, 96, 2, 4, 3, 6)
+    with pytest.raises(ConfigError, match="multiple of dim"):  # the op spec's check
+        trt_plugins.gemv_supported(64, 96, 2, 4, 3, 6)
 
 
 def test_ptx_target_is_a_virtual_architecture_from_the_device(monkeypatch):

@@ -1,0 +1,16 @@
+"""One module per `rwkvq` custom op: its attributes, validation, packing, numpy reference and standard-op lowering.
+
+Every place that knows an op (the quantizer's rewrite pass, the standard-ONNX
+lowering, onnxruntime registration, TensorRT preparation and plugins, the
+kernel tests) reads it from its module here:
+
+    vq_matmul       rwkvq.VQMatMul(x, codes, codebooks, scales) -> x @ W^T
+    vq_elementwise  rwkvq.VQElementwise(x, codes, codebook)     -> x * v
+    bitpack         the bit-packer all packed formats share
+
+Importing this package needs numpy only (no torch, no graphsurgeon), so the
+runtime can use the references.
+"""
+from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
+
+__all__ = ["DOMAIN", "OPSET_VERSION"]
