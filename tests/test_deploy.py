@@ -22,7 +22,8 @@ from rwkvq_onnx.validate import validate
 from .conftest import GOLDEN_TEXT
 
 KERNELS = ["rwkvq_vq_gemv", "rwkvq_vq_gemv_smem", "rwkvq_vq_gemv_smem_batch", "rwkvq_vq_decode",
-           "rwkvq_vq_elementwise", "rwkvq_vq_elementwise_f32", "rwkvq_trt_vq_gemv", "rwkvq_trt_vq_elementwise"]
+           "rwkvq_vq_elementwise", "rwkvq_vq_elementwise_f32", "rwkvq_trt_vq_gemv", "rwkvq_trt_vq_gemv_decode",
+           "rwkvq_trt_vq_elementwise"]
 
 
 @pytest.fixture(scope="module")

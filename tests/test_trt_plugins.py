@@ -179,7 +179,8 @@ def test_build_engine_against_the_stub_builder(quantized, tmp_path, stub_build, 
     calls = trt_stub.CALLS
     assert calls.flags == []  # no BuilderFlag.FP16 on a STRONGLY_TYPED network
     assert calls.network_flags == 1 << trt_stub.NetworkDefinitionCreationFlag.STRONGLY_TYPED
-    assert len(calls.parsed_files) == 1 and calls.parsed_bytes == 0  # parse_from_file, external data
+    assert len(calls.parsed_files) == 1 and calls.parsed_bytes == 0  # parse_from_file, not parse(bytes)
+    assert calls.external_data == ["model.onnx.data"]  # weights as external data: no 2 GiB protobuf limit
     for op, types_, attrs in calls.plugin_inputs:
         assert types_[0] == DTYPES.float16 and types_[1] == DTYPES.int8, (op, types_)
         if op == "VQMatMul":
@@ -251,3 +252,23 @@ def test_harness_rotates_weights_out_of_l2():
         harness.rotation_count(0, 50 * mib)
     assert harness.fast_path_ok(dict(N=4096, K=4096, dim=2, group_rows=16, group_cols=256, index_bits=6), 1)
     assert not harness.fast_path_ok(dict(N=4096, K=4096, dim=2, group_rows=16, group_cols=256, index_bits=6), 9)
+
+
+@pytest.mark.slow
+def test_fp16_graph_gives_the_plugins_fp16_not_the_float32_of_the_onnx_op(tiny_ckpt, tmp_path, stub_build):
+    """In --fp16 exports the rwkvq ops sit between Casts to float32; the plugin must still receive fp16."""
+    fp16 = tmp_path / "fp16.onnx"
+    assert main(["export", str(tiny_ckpt), "-o", str(fp16), "--mode", "both", "--fp16"]) == 0
+    calib = tmp_path / "calib.txt"
+    calib.write_text((GOLDEN_TEXT.decode() + " ") * 20)
+    q = tmp_path / "q16.onnx"
+    assert main(["quantize", str(fp16), "-o", str(q), "--bpw", "3.5", "--calib", str(calib), "--nsamples", "2",
+                 "--seqlen", "32", "--sym", "sym"]) == 0
+    model = onnx.load(step_path(q))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    custom = [n for n in model.graph.node if n.domain == "rwkvq"]
+    assert any(producers[n.input[0]].op_type == "Cast" for n in custom)  # the situation of the defect
+    assert main(["build-engine", str(step_path(q)), "-o", str(tmp_path / "q16.plan"), "--fp16"]) == 0
+    seen = trt_stub.CALLS.plugin_inputs
+    assert len(seen) == len(custom)
+    assert all(types_[0] == DTYPES.float16 and types_[1] == DTYPES.int8 for _, types_, _ in seen)

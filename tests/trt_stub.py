@@ -175,6 +175,7 @@ ONNX_TO_TRT = {onnx.TensorProto.FLOAT16: DataType.float16, onnx.TensorProto.FLOA
 class Calls:
     flags: list = field(default_factory=list)
     parsed_files: list = field(default_factory=list)
+    external_data: list = field(default_factory=list)  # files beside the parsed model holding its weights
     parsed_bytes: int = 0
     plugin_inputs: list = field(default_factory=list)
     timing_cache_in: bytes | None = None
@@ -277,6 +278,7 @@ class OnnxParser:
 
     def parse_from_file(self, path: str) -> bool:
         CALLS.parsed_files.append(path)
+        CALLS.external_data.extend(sorted(p.name for p in Path(path).parent.iterdir() if p.name != Path(path).name))
         model = onnx.load(path)
         inits = {t.name: t for t in model.graph.initializer}
         casts = {o: n for n in model.graph.node if n.op_type == "Cast" for o in n.output}
