@@ -254,8 +254,9 @@ extern "C" __global__ void rwkvq_vq_elementwise_f32(const float* __restrict__ x,
     y[i] = x[i] * codebook[code];
 }
 
-// TensorRT AOT plugin entry points: TensorRT passes (inputs..., extra scalar args..., outputs...). The codes
-// arrive as INT8 tensors (the same bits as the ONNX graph's uint8: the ONNX parser would widen UINT8 weights).
+// TensorRT AOT plugin entry points: TensorRT passes (inputs..., extra scalar args..., outputs...). Codes and
+// codebooks arrive as INT32 tensors holding the ONNX graph's bytes in packed little-endian words (build-engine
+// repacks them: the ONNX parser would widen UINT8 weights to one INT32 per byte); read here as bytes.
 // Launch geometry: trt_plugins.gemv_launch. Engines whose profile allows one activation row run the decode
 // instance <1, RWKVQ_DECODE_ROWS_PER_WARP> (the one plugins/harness.py benchmarks); 2..8 rows run <8, 1>.
 // build-engine refuses profiles with more than RWKVQ_MAX_BATCH rows: rows past it would not be written.

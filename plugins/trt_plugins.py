@@ -17,10 +17,11 @@ What TensorRT checks at registration shapes this module (TensorRT 10.9+,
   KernelLaunchParams, SymIntExprs]`.
 
 The plugin boundary is explicit (what `build-engine` prepares, and what the
-shape functions refuse otherwise): activations fp16 in and out, codes INT8
-(the same bits as the ONNX graph's uint8; the ONNX parser would widen UINT8
-weights to one INT32 per byte), codebooks INT8 (VQMatMul) or FP32
-(VQElementwise), scales FP32. `VQMatMul` runs the shared-memory VQ GEMV for at
+shape functions refuse otherwise): activations fp16 in and out; the byte-typed
+weights (uint8 codes, int8 codebooks) as INT32 tensors holding the same bytes
+in packed little-endian words (the ONNX parser would widen UINT8 weights to
+one INT32 per byte, which the word count of the codes exposes); VQElementwise's
+codebook and VQMatMul's scales FP32. `VQMatMul` runs the shared-memory VQ GEMV for at
 most `MAX_ROWS` activation rows (decode steps); `build-engine` refuses more.
 
 This module imports TensorRT only inside `register_plugins()`; `define_plugins`
@@ -144,6 +145,20 @@ def gemv_supported(N: int, K: int, dim: int, group_rows: int, group_cols: int, i
     return None
 
 
+def _static(dim) -> Optional[int]:
+    """A dimension's value when known at build time (an int, or a constant TensorRT ShapeExpr), else None."""
+    if isinstance(dim, int):
+        return dim
+    return dim.constant_value() if getattr(dim, "is_constant", False) else None
+
+
+def _check_words(op: str, codes, words: int) -> None:
+    """Refuse codes whose last dimension is not the packed word count (e.g. bytes widened one per int32)."""
+    got = _static(codes.shape_expr[codes.ndim - 1])
+    if got is not None and got != words:
+        raise ValueError(f"{NAMESPACE}::{op}: codes hold {got} int32 per row, expected {words} packed words")
+
+
 def _check_types(op: str, got: dict, want: dict) -> None:
     """Refuse tensors whose types differ from the kernel's (TensorRT reports the ValueError at build)."""
     for name, dtype in want.items():
@@ -154,7 +169,7 @@ def _check_types(op: str, got: dict, want: dict) -> None:
 def define_plugins(trtp, dtypes, arch: str) -> dict:
     """Register the two plugins' shape functions and AOT implementations with `trtp` (`tensorrt.plugin`).
 
-    `dtypes` names TensorRT's data types (`float16`, `float32`, `int8`: the `tensorrt` module itself);
+    `dtypes` names TensorRT's data types (`float16`, `float32`, `int32`: the `tensorrt` module itself);
     returns the four functions by role so that they can be inspected."""
 
     @trtp.register(f"{NAMESPACE}::VQMatMul")
@@ -163,10 +178,11 @@ def define_plugins(trtp, dtypes, arch: str) -> dict:
                        index_bits: int, max_rows: int) -> trtp.TensorDesc:
         _check_types("VQMatMul", {"x": x.dtype, "codes": codes.dtype, "codebooks": codebooks.dtype,
                                   "scales": scales.dtype},
-                     {"x": dtypes.float16, "codes": dtypes.int8, "codebooks": dtypes.int8, "scales": dtypes.float32})
+                     {"x": dtypes.float16, "codes": dtypes.int32, "codebooks": dtypes.int32, "scales": dtypes.float32})
         why = gemv_supported(N, K, dim, group_rows, group_cols, index_bits, max_rows)  # validates via the spec
         if why:
             raise ValueError(f"{NAMESPACE}::VQMatMul: {why}")
+        _check_words("VQMatMul", codes, gemv_launch(N, K, dim, group_rows, group_cols, index_bits)["row_bytes"] // 4)
         out = x.like()
         out.shape_expr[x.ndim - 1] = N  # [..., K] -> [..., N]
         return out
@@ -192,8 +208,9 @@ def define_plugins(trtp, dtypes, arch: str) -> dict:
     def vq_elementwise_desc(x: trtp.TensorDesc, codes: trtp.TensorDesc, codebook: trtp.TensorDesc,
                             index_bits: int, shape: str) -> trtp.TensorDesc:
         _check_types("VQElementwise", {"x": x.dtype, "codes": codes.dtype, "codebook": codebook.dtype},
-                     {"x": dtypes.float16, "codes": dtypes.int8, "codebook": dtypes.float32})
-        vq_elementwise.validate({"index_bits": index_bits, "shape": shape}, node="VQElementwise plugin")
+                     {"x": dtypes.float16, "codes": dtypes.int32, "codebook": dtypes.float32})
+        a = vq_elementwise.validate({"index_bits": index_bits, "shape": shape}, node="VQElementwise plugin")
+        _check_words("VQElementwise", codes, -(-a.codes_bytes // 4))
         return x.like()
 
     @trtp.aot_impl(f"{NAMESPACE}::VQElementwise")
@@ -224,6 +241,6 @@ def register_plugins(arch: Optional[str] = None) -> Tuple[str, ...]:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    dtypes = SimpleNamespace(float16=trt.float16, float32=trt.float32, int8=trt.int8)
+    dtypes = SimpleNamespace(float16=trt.float16, float32=trt.float32, int32=trt.int32)
     define_plugins(trtp, dtypes, arch or device_arch())
     return (f"{NAMESPACE}::VQMatMul", f"{NAMESPACE}::VQElementwise")

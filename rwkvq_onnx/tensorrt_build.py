@@ -8,8 +8,10 @@ is prepared for TensorRT's ONNX parser:
   `max_rows` its kernel instance is chosen by);
 - the plugin boundary made explicit: fp16 activations through Casts (the ONNX
   ops take float32; in fp16 exports they already sit between Casts to float),
-  packed codes as INT8 initializers with the same bits (the parser would turn
-  UINT8 weights into one INT32 per byte);
+  and the byte-typed weights (uint8 codes, int8 codebooks) as the same bytes
+  in packed little-endian INT32 words: the parser would turn UINT8 weights
+  into one INT32 per byte, and INT8 tensors carry quantization meaning in
+  TensorRT, while INT32 words reach the kernel's byte pointers unchanged;
 - MatMulNBits and asymmetric QDQ refused with the fix to use.
 The network is STRONGLY_TYPED: precision is what the graph says, so no
 builder precision flag is set. The prepared graph reaches the parser as a
@@ -37,7 +39,19 @@ from .opspec import vq_elementwise, vq_matmul
 
 TENSORRT_HINT = ("install TensorRT 10.9 or later (pip install 'rwkvq-onnx[tensorrt]') on a machine with an NVIDIA "
                  "GPU and driver; see README, 'GPU deployment'")
-PLUGIN_CODE_INPUT = 1  # codes are input 1 of both rwkvq ops
+BYTE_DTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
+
+
+def as_int32_words(values: np.ndarray) -> np.ndarray:
+    """The bytes of a uint8/int8 array as little-endian int32 words: rows kept when the last dimension is a
+    multiple of 4 bytes, else flattened and zero-padded to whole words (the kernels read bytes through a
+    pointer and never past the sizes their attributes give)."""
+    raw = np.ascontiguousarray(values).view(np.uint8)
+    if raw.ndim >= 1 and raw.shape[-1] % 4 == 0 and raw.size:
+        return raw.view("<i4").astype(np.int32, copy=False)
+    flat = np.zeros(-(-raw.size // 4) * 4, np.uint8)
+    flat[: raw.size] = raw.reshape(-1)
+    return flat.view("<i4").astype(np.int32, copy=False)
 
 
 def cuda_device_count() -> int:
@@ -149,7 +163,7 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    notes = {"functions_stripped": len(m.functions), "plugins": {}, "casts_added": 0, "codes_as_int8": 0,
+    notes = {"functions_stripped": len(m.functions), "plugins": {}, "casts_added": 0, "weights_as_int32_words": 0,
              "max_rows": max_rows}
     del m.functions[:]
     inits = {t.name: t for t in m.graph.initializer}
@@ -161,7 +175,7 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
     checked = check_custom_nodes(m)
     new_nodes: list[onnx.NodeProto] = []
     fp16_inputs: dict[str, str] = {}  # activation -> its fp16 Cast (one per tensor, shared by its plugins)
-    int8_codes: dict[str, str] = {}  # uint8 codes initializer -> its int8 twin
+    words: dict[str, str] = {}  # byte-typed weight -> its int32-word twin
     for node in m.graph.node:
         if node.domain != DOMAIN:
             new_nodes.append(node)
@@ -175,20 +189,21 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
                         else "quantize with --lower-vq for this model")
                 raise ConfigError(f"{node.name}: the TensorRT VQ GEMV cannot run this ({why}); {hint}")
             node.attribute.append(helper.make_attribute("max_rows", max_rows))
-        codes = node.input[PLUGIN_CODE_INPUT]
-        if codes not in inits:
-            raise ConfigError(f"{node.name}: codes '{codes}' are not an initializer; TensorRT plugins take "
-                              f"packed codes as weights")
-        if inits[codes].data_type == TensorProto.UINT8:
-            if codes not in int8_codes:
-                twin = numpy_helper.from_array(numpy_helper.to_array(inits[codes]).view(np.int8), codes + "_int8")
+        spec = SPECS[node.op_type]
+        for i, (name, dtype) in enumerate(zip(spec.INPUTS[1:], spec.INPUT_DTYPES[1:]), start=1):
+            tensor = node.input[i]
+            if tensor not in inits:
+                raise ConfigError(f"{node.name}: {name} '{tensor}' is not an initializer; the TensorRT plugins "
+                                  f"take their weights as constants")
+            if np.dtype(dtype) not in BYTE_DTYPES:
+                continue
+            if tensor not in words:
+                twin = numpy_helper.from_array(as_int32_words(numpy_helper.to_array(inits[tensor])),
+                                               tensor + "_int32_words")
                 m.graph.initializer.append(twin)
-                int8_codes[codes] = twin.name
-                notes["codes_as_int8"] += 1
-            node.input[PLUGIN_CODE_INPUT] = int8_codes[codes]
-        elif inits[codes].data_type != TensorProto.INT8:
-            raise ConfigError(f"{node.name}: codes '{codes}' are "
-                              f"{TensorProto.DataType.Name(inits[codes].data_type)}, expected UINT8 or INT8")
+                words[tensor] = twin.name
+                notes["weights_as_int32_words"] += 1
+            node.input[i] = words[tensor]
         notes["plugins"][node.op_type] = notes["plugins"].get(node.op_type, 0) + 1
         node.attribute.extend([helper.make_attribute("plugin_namespace", DOMAIN),
                                helper.make_attribute("plugin_version", "1")])
@@ -206,7 +221,7 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
                                           name=out + "_to_fp32"))
         notes["casts_added"] += 1
     used = {i for n in new_nodes for i in n.input}
-    kept = [t for t in m.graph.initializer if t.name in used or t.name not in int8_codes]
+    kept = [t for t in m.graph.initializer if t.name in used or t.name not in words]
     del m.graph.initializer[:]
     m.graph.initializer.extend(kept)
     del m.graph.node[:]

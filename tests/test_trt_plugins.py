@@ -5,6 +5,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -91,8 +92,8 @@ def test_aot_impl_launches_the_benchmarked_instance(plugins, max_rows, kernel, r
     desc, aot = plugins["VQMatMul"]
     attrs = dict(N=128, K=256, dim=2, group_rows=16, group_cols=128, index_bits=6, max_rows=max_rows)
     x = trt_stub.TensorDesc(DTYPES.float16, trt_stub.ShapeExprs([max_rows, 256]))
-    codes = trt_stub.TensorDesc(DTYPES.int8, trt_stub.ShapeExprs([128, 96]))
-    books = trt_stub.TensorDesc(DTYPES.int8, trt_stub.ShapeExprs([8, 2, 64, 2]))
+    codes = trt_stub.TensorDesc(DTYPES.int32, trt_stub.ShapeExprs([128, 24]))  # 96 bytes per row, packed
+    books = trt_stub.TensorDesc(DTYPES.int32, trt_stub.ShapeExprs([512]))
     scales = trt_stub.TensorDesc(DTYPES.float32, trt_stub.ShapeExprs([8, 2]))
     out = desc(x, codes, books, scales, **attrs)
     assert list(out.shape_expr) == [max_rows, 128] and out.dtype == DTYPES.float16
@@ -110,16 +111,25 @@ def test_aot_impl_launches_the_benchmarked_instance(plugins, max_rows, kernel, r
 def test_plugin_refuses_types_its_kernel_does_not_read(plugins):
     desc, _ = plugins["VQMatMul"]
     attrs = dict(N=128, K=256, dim=2, group_rows=16, group_cols=128, index_bits=6, max_rows=1)
-    shapes = [[1, 256], [128, 96], [8, 2, 64, 2], [8, 2]]
-    ok = [DTYPES.float16, DTYPES.int8, DTYPES.int8, DTYPES.float32]
-    for i, bad in ((0, DTYPES.float32), (1, DTYPES.int32)):  # fp32 activations; UINT8 codes widened to INT32
+    shapes = [[1, 256], [128, 24], [512], [8, 2]]
+    ok = [DTYPES.float16, DTYPES.int32, DTYPES.int32, DTYPES.float32]
+    desc(*trt_stub.desc_from_onnx_types(ok, shapes), **attrs)
+    for i, bad in ((0, DTYPES.float32), (1, DTYPES.int8), (2, DTYPES.int8)):  # fp32 activations, INT8 weights
         types_ = list(ok)
         types_[i] = bad
         with pytest.raises(ValueError, match="the kernel reads"):
             desc(*trt_stub.desc_from_onnx_types(types_, shapes), **attrs)
+    widened = [[1, 256], [128, 96], [512], [8, 2]]  # UINT8 codes as the parser widens them: one int32 per byte
+    with pytest.raises(ValueError, match="packed words"):
+        desc(*trt_stub.desc_from_onnx_types(ok, widened), **attrs)
     ew_desc, _ = plugins["VQElementwise"]
+    ew_desc(*trt_stub.desc_from_onnx_types([DTYPES.float16, DTYPES.int32, DTYPES.float32], [[1, 64], [8], [16]]),
+            index_bits=4, shape="64")
     with pytest.raises(ValueError, match="the kernel reads"):
-        ew_desc(*trt_stub.desc_from_onnx_types([DTYPES.float32, DTYPES.int8, DTYPES.float32],
+        ew_desc(*trt_stub.desc_from_onnx_types([DTYPES.float32, DTYPES.int32, DTYPES.float32],
+                                               [[1, 64], [8], [16]]), index_bits=4, shape="64")
+    with pytest.raises(ValueError, match="packed words"):
+        ew_desc(*trt_stub.desc_from_onnx_types([DTYPES.float16, DTYPES.int32, DTYPES.float32],
                                                [[1, 64], [32], [16]]), index_bits=4, shape="64")
 
 
@@ -141,23 +151,40 @@ def test_ptx_target_is_a_virtual_architecture_from_the_device(monkeypatch):
         trt_plugins.device_arch()
 
 
-def test_prepare_gives_the_parser_int8_codes_and_fp16_activations(quantized):
+def test_prepare_gives_the_parser_int32_words_and_fp16_activations(quantized):
     _, q = quantized
     model = onnx.load(step_path(q))
     prepared, notes = prepare_for_tensorrt(model, max_rows=1)
     inits = {t.name: t for t in prepared.graph.initializer}
     producers = {o: n for n in prepared.graph.node for o in n.output}
     custom = [n for n in prepared.graph.node if n.domain == "rwkvq"]
-    assert custom and notes["codes_as_int8"] > 0
-    for node in custom:
-        assert inits[node.input[1]].data_type == onnx.TensorProto.INT8
-        cast = producers[node.input[0]]
-        assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT16
-    onnx.checker.check_model(prepared)  # one Cast per activation: no duplicate tensor names
+    assert custom and notes["weights_as_int32_words"] > 0
     original = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in custom:
-        twin = onnx.numpy_helper.to_array(inits[node.input[1]])
-        assert twin.tobytes() == original[node.input[1][: -len("_int8")]].tobytes()  # the same bits
+        cast = producers[node.input[0]]
+        assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT16
+        byte_inputs = node.input[1:3] if node.op_type == "VQMatMul" else node.input[1:2]  # codes (+ codebooks)
+        for name in byte_inputs:
+            assert inits[name].data_type == onnx.TensorProto.INT32 and name.endswith("_int32_words")
+            words = onnx.numpy_helper.to_array(inits[name]).astype("<i4").tobytes()
+            source = original[name[: -len("_int32_words")]].tobytes()
+            assert words[: len(source)] == source and not words[len(source):].strip(b"\0")  # same bytes
+        if node.op_type == "VQMatMul":  # code rows stay rows: [N, row_bytes / 4]
+            codes = original[node.input[1][: -len("_int32_words")]]
+            assert list(inits[node.input[1]].dims) == [codes.shape[0], codes.shape[1] // 4]
+    onnx.checker.check_model(prepared)  # one Cast per activation: no duplicate tensor names
+    assert not any(t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) for t in prepared.graph.initializer
+                   if any(t.name in n.input for n in custom))
+
+
+def test_int32_words_keep_the_bytes():
+    from rwkvq_onnx.tensorrt_build import as_int32_words
+
+    rows = np.arange(24, dtype=np.uint8).reshape(2, 12)
+    assert as_int32_words(rows).shape == (2, 3) and as_int32_words(rows).tobytes() == rows.tobytes()
+    odd = np.array([-1, 2, -3, 4, 5], np.int8)
+    w = as_int32_words(odd)
+    assert w.shape == (2,) and w.tobytes()[:5] == odd.tobytes() and w.tobytes()[5:] == b"\0\0\0"
 
 
 @pytest.fixture()
@@ -182,9 +209,15 @@ def test_build_engine_against_the_stub_builder(quantized, tmp_path, stub_build, 
     assert len(calls.parsed_files) == 1 and calls.parsed_bytes == 0  # parse_from_file, not parse(bytes)
     assert calls.external_data == ["model.onnx.data"]  # weights as external data: no 2 GiB protobuf limit
     for op, types_, attrs in calls.plugin_inputs:
-        assert types_[0] == DTYPES.float16 and types_[1] == DTYPES.int8, (op, types_)
+        assert types_[0] == DTYPES.float16 and types_[1] == DTYPES.int32, (op, types_)
         if op == "VQMatMul":
             assert attrs["max_rows"] == 1
+            assert types_[2] == DTYPES.int32  # codebooks as words too
+    for (op, _, attrs), shapes in zip(calls.plugin_inputs, calls.plugin_shapes):
+        if op == "VQMatMul":  # packed words, not one int32 per byte
+            row_bytes = trt_plugins.gemv_launch(*(attrs[k] for k in ("N", "K", "dim", "group_rows", "group_cols",
+                                                                      "index_bits")))["row_bytes"]
+            assert shapes[1] == [attrs["N"], row_bytes // 4]
     assert set(trt_stub.REGISTRY) == {"rwkvq::VQMatMul", "rwkvq::VQElementwise"}
     cache = Path(str(plan) + ".timing-cache")
     assert plan.read_bytes() == b"stub engine" and cache.read_bytes() == b"timing:"
@@ -271,4 +304,4 @@ def test_fp16_graph_gives_the_plugins_fp16_not_the_float32_of_the_onnx_op(tiny_c
     assert main(["build-engine", str(step_path(q)), "-o", str(tmp_path / "q16.plan"), "--fp16"]) == 0
     seen = trt_stub.CALLS.plugin_inputs
     assert len(seen) == len(custom)
-    assert all(types_[0] == DTYPES.float16 and types_[1] == DTYPES.int8 for _, types_, _ in seen)
+    assert all(types_[0] == DTYPES.float16 and types_[1] == DTYPES.int32 for _, types_, _ in seen)

@@ -168,7 +168,8 @@ class DataType:
 
 
 ONNX_TO_TRT = {onnx.TensorProto.FLOAT16: DataType.float16, onnx.TensorProto.FLOAT: DataType.float32,
-               onnx.TensorProto.INT8: DataType.int8, onnx.TensorProto.UINT8: DataType.int32}  # parser widens UINT8
+               onnx.TensorProto.INT8: DataType.int8, onnx.TensorProto.INT32: DataType.int32,
+               onnx.TensorProto.UINT8: DataType.int32}  # the parser widens UINT8 weights, one int32 per byte
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Calls:
     external_data: list = field(default_factory=list)  # files beside the parsed model holding its weights
     parsed_bytes: int = 0
     plugin_inputs: list = field(default_factory=list)
+    plugin_shapes: list = field(default_factory=list)  # initializer dims per plugin input (None: activation)
     timing_cache_in: bytes | None = None
     profile: dict = field(default_factory=dict)
     network_flags: int = 0
@@ -285,8 +287,9 @@ class OnnxParser:
         for node in model.graph.node:
             if node.domain != "rwkvq":
                 continue
-            types_ = []
+            types_, shapes = [], []
             for name in node.input:
+                shapes.append(list(inits[name].dims) if name in inits else None)
                 if name in inits:
                     types_.append(ONNX_TO_TRT[inits[name].data_type])
                 elif name in casts:
@@ -296,6 +299,7 @@ class OnnxParser:
                     types_.append(DataType.float32)  # the rwkvq ONNX ops compute in float32
             CALLS.plugin_inputs.append((node.op_type, types_, {a.name: onnx.helper.get_attribute_value(a)
                                                               for a in node.attribute}))
+            CALLS.plugin_shapes.append(shapes)
         return True
 
     def get_error(self, i):
@@ -313,7 +317,7 @@ def install(monkeypatch) -> Calls:
     for name in ("Logger", "Builder", "OnnxParser", "NetworkDefinitionCreationFlag", "MemoryPoolType",
                  "BuilderFlag"):
         setattr(trt, name, globals()[name])
-    trt.float16, trt.float32, trt.int8 = DataType.float16, DataType.float32, DataType.int8
+    trt.float16, trt.float32, trt.int8, trt.int32 = DataType.float16, DataType.float32, DataType.int8, DataType.int32
     trt.__version__ = "10.9-stub"
     trtp = types.ModuleType("tensorrt.plugin")
     for name, value in vars(plugin).items():
