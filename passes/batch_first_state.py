@@ -71,7 +71,8 @@ def batch_first_state(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = entry + list(g.node) + exit_
     del g.node[:]
     g.node.extend(nodes)
-    kept = [v for v in g.value_info if not v.name.endswith("__layer_first")]
+    edges = set(STATE_NAMES) | {f"new_{n}" for n in STATE_NAMES}
+    kept = [v for v in g.value_info if v.name not in edges]  # their layout changed: let inference redo them
     del g.value_info[:]
     g.value_info.extend(kept)
     props = [p for p in model.metadata_props if p.key != LAYOUT_KEY]

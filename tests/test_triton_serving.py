@@ -221,3 +221,32 @@ def test_engine_repositories_batch_only_batch_first_engines(quantized, tmp_path,
     with pytest.raises(ConfigError, match="sidecar"):
         triton_repo(plan, tmp_path / "repo", name="x")
     assert not (tmp_path / "repo" / "x").exists()
+
+
+def test_batch_first_pass_is_a_pure_layout_change(tiny_ckpt, tmp_path):
+    from rwkvq_onnx.passes.batch_first_state import batch_first_state, state_layout
+
+    fp = tmp_path / "fp.onnx"
+    assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both"]) == 0
+    model = onnx.load(step_path(fp))
+    assert state_layout(model) == "layer_first"
+    served = batch_first_state(onnx.load(step_path(fp)))
+    assert state_layout(served) == "batch_first"
+    onnx.checker.check_model(served)
+    a = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(served.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    feeds = {i.name: rng.standard_normal([d.dim_value or 3 for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in model.graph.input if i.name != "token"}
+    feeds["token"] = np.array([1, 2, 3], np.int64)
+    out_a = a.run(None, feeds)
+    swapped = {k: (np.swapaxes(v, 0, 1) if k != "token" else v) for k, v in feeds.items()}
+    out_b = b.run(None, swapped)
+    np.testing.assert_array_equal(out_a[0], out_b[0])
+    for x, y in zip(out_a[1:], out_b[1:]):
+        np.testing.assert_array_equal(np.swapaxes(x, 0, 1), y)
+    with pytest.raises(ConfigError, match="already batch-first"):
+        batch_first_state(served)
+    del model.graph.input[1]
+    with pytest.raises(ConfigError, match="missing state_att_shift"):
+        batch_first_state(model)
