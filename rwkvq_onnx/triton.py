@@ -261,6 +261,11 @@ def _prepare_plan(model_path: Path, name: str, kind: str | None, instances: int,
     return text, write
 
 
+def _check_free(folder: Path) -> None:
+    if folder.is_symlink() or (folder.exists() and (not folder.is_dir() or any(folder.iterdir()))):
+        raise ConfigError(f"model folder {folder} exists and is not empty")
+
+
 def _prepare_out_dir(out_dir: Path, folder: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,8 +275,7 @@ def _prepare_out_dir(out_dir: Path, folder: Path) -> None:
         raise OutputError("the repository path is not a folder", out_dir)
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise OutputError("the repository folder is not writable", out_dir)
-    if folder.is_symlink() or (folder.exists() and (not folder.is_dir() or any(folder.iterdir()))):
-        raise ConfigError(f"model folder {folder} exists and is not empty")
+    _check_free(folder)
 
 
 def triton_repo(model_path: str | Path, out_dir: str | Path, name: str = "rwkv", kind: str | None = None,
@@ -288,14 +292,18 @@ def triton_repo(model_path: str | Path, out_dir: str | Path, name: str = "rwkv",
     if instances < 1:
         raise ConfigError(f"--instances must be >= 1, got {instances}")
     folder = out_dir / name
-    _prepare_out_dir(out_dir, folder)
+    _check_free(folder)
     final = folder.resolve()
     if model_path.suffix == ".plan":
         text, write = _prepare_plan(model_path, name, kind, instances, log)
     else:
         text, write = _prepare_onnx(model_path, name, final, kind, instances, max_batch, log)
     parse_model_config(text)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir))
+    _prepare_out_dir(out_dir, folder)  # nothing is created before the model and its config are checked
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir))
+    except OSError as exc:
+        raise OutputError(f"cannot write the model repository: {_os_reason(exc)}", out_dir) from None
     try:
         (tmp / "1").mkdir()
         write(tmp)
@@ -305,14 +313,17 @@ def triton_repo(model_path: str | Path, out_dir: str | Path, name: str = "rwkv",
             folder.rmdir()  # empty (checked above)
         os.rename(tmp, folder)
     except OSError as exc:
-        why = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or _first_line(exc))
-        raise OutputError(f"cannot write the model repository: {why}", folder) from None
+        raise OutputError(f"cannot write the model repository: {_os_reason(exc)}", folder) from None
     except RwkvqError as exc:
         raise OutputError(f"cannot write the model repository: {exc}", folder) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _os_reason(exc: OSError) -> str:
+    return "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or _first_line(exc))
 
 
 def _umask() -> int:

@@ -163,7 +163,8 @@ def test_one_line_errors_for_bad_inputs_and_outputs(quantized, tmp_path, capsys,
     evil.write_bytes(model.SerializeToString())
     assert main(["triton-repo", str(evil), "-o", str(tmp_path / "m2")]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "evil.step.onnx" in err
+    assert len(err.strip().splitlines()) == 1 and "evil.step.onnx" in err and "outside" in err
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()  # nothing created for bad input
     # a repository path under a file, and an unwritable folder
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -175,6 +176,15 @@ def test_one_line_errors_for_bad_inputs_and_outputs(quantized, tmp_path, capsys,
     monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m))
     assert main(["triton-repo", str(q), "-o", str(locked)]) == 2
     assert "not writable" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", real_access)  # root passes access(): the write itself fails
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkdtemp", denied)
+    assert main(["triton-repo", str(q), "-o", str(locked)]) == 2
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and len(err.strip().splitlines()) == 1
 
 
 def test_full_disk_leaves_nothing_and_a_rerun_works(quantized, tmp_path, capsys, monkeypatch):
