@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from rwkvq_onnx import ops
+from rwkvq_onnx.names import DOMAIN
 from rwkvq_onnx.cli import main
 from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.export import step_path
@@ -109,7 +109,7 @@ def test_prepare_for_tensorrt_sets_plugin_attributes_and_fp16_casts(quantized):
     model.functions.append(onnx.helper.make_function("rwkvq", "VQMatMul", ["x"], ["y"], [], []))
     prepared, notes = prepare_for_tensorrt(model)
     assert len(prepared.functions) == 0 and notes["functions_stripped"] == 1
-    custom = [n for n in prepared.graph.node if n.domain == ops.DOMAIN]
+    custom = [n for n in prepared.graph.node if n.domain == DOMAIN]
     assert custom and notes["plugins"]["VQMatMul"] == sum(n.op_type == "VQMatMul" for n in custom)
     for n in custom:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
