@@ -260,3 +260,13 @@ def test_batch_first_pass_is_a_pure_layout_change(tiny_ckpt, tmp_path):
     del model.graph.input[1]
     with pytest.raises(ConfigError, match="missing state_att_shift"):
         batch_first_state(model)
+
+
+def test_sequence_graph_without_step_sibling_is_refused(tiny_ckpt, tmp_path, capsys):
+    seq = tmp_path / "seq.onnx"
+    assert main(["export", str(tiny_ckpt), "-o", str(seq), "--mode", "sequence"]) == 0
+    capsys.readouterr()
+    assert main(["triton-repo", str(seq), "-o", str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err
+    assert "--mode both" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "models").exists()

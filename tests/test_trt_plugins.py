@@ -247,6 +247,9 @@ def test_build_engine_refuses_sequence_graphs_past_max_rows(quantized, tmp_path,
     err = capsys.readouterr().err
     assert "16" in err and "step graph" in err and len(err.strip().splitlines()) == 1
     assert main(["build-engine", str(q), "-o", str(tmp_path / "s.plan"), "--max-seq", "8"]) == 0
+    capsys.readouterr()
+    assert main(["build-engine", str(q), "-o", str(tmp_path / "t.plan"), "--max-seq", "8", "--serving"]) == 2
+    assert "--serving needs the step graph" in capsys.readouterr().err
 
 
 def test_build_engine_serving_variant_has_batch_first_profile(quantized, tmp_path, stub_build, capsys):
