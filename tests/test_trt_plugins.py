@@ -1,8 +1,10 @@
 """The TensorRT side checked on CPU: plugin definitions against TensorRT's registration rules (tests/trt_stub.py),
 the graph handed to the parser, and build-engine's calls into the builder."""
 
+import os
 import re
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,26 @@ def test_plugin_definitions_pass_tensorrts_registration_checks(plugins):
         assert entry["tensors"][0] == "x" and len(entry["tensors"]) in (3, 4)
     for op, attrs in trt_plugins.PLUGIN_ATTRIBUTES.items():  # the op spec's attributes (+ max_rows)
         assert tuple(trt_stub.REGISTRY[f"rwkvq::{op}"]["attrs"]) == attrs
+
+
+TENSORRT_PLUGIN_SRC = os.environ.get("RWKVQ_TENSORRT_PLUGIN_SRC")
+
+
+@pytest.mark.skipif(not TENSORRT_PLUGIN_SRC, reason="set RWKVQ_TENSORRT_PLUGIN_SRC to TensorRT OSS "
+                                                    "python/packaging/bindings_wheel/tensorrt to run its own checks")
+def test_plugin_definitions_pass_tensorrts_own_plugin_sources(monkeypatch):
+    """TensorRT's `tensorrt.plugin` sources, unchanged: its register/aot_impl decorators and _validate checks."""
+    trtp = trt_stub.load_tensorrt_plugin_sources(TENSORRT_PLUGIN_SRC, monkeypatch)
+    from tensorrt.plugin import _validate
+
+    monkeypatch.setattr(trt_plugins, "compile_ptx", lambda arch: "ptx")
+    fns = trt_plugins.define_plugins(trtp, trt_stub.DataType, "compute_90")  # TensorRT's decorators run here
+    for op, (desc, aot) in fns.items():
+        tensors, attrs, _, _ = _validate._parse_register_inputs(desc, False)
+        assert _validate._parse_register_return(desc) == 1
+        assert tuple(attrs) == trt_plugins.PLUGIN_ATTRIBUTES[op]
+        used = _validate._validate_aot_impl(aot, types.SimpleNamespace(input_tensor_names=tensors, input_attrs=attrs))
+        assert tuple(used) == trt_plugins.PLUGIN_ATTRIBUTES[op]
 
 
 def test_stub_rejects_what_tensorrt_rejects():

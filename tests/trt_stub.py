@@ -333,3 +333,48 @@ def desc_from_onnx_types(types_: list, shapes: list) -> list[TensorDesc]:
 
 
 __all__ = ["install", "plugin", "REGISTRY", "DataType", "Path"]
+
+
+# ---- TensorRT's own plugin sources, run as they are --------------------------------------------------------
+class _PermissiveMeta(type):
+    def __getattr__(cls, name):
+        return _permissive(f"{cls.__name__}_{name}")
+
+
+_PERMISSIVE: dict[str, type] = {}
+
+
+def _permissive(name: str) -> type:
+    """A class standing in for any compiled `tensorrt` symbol: constructible, callable, any attribute."""
+    if name not in _PERMISSIVE:
+        _PERMISSIVE[name] = _PermissiveMeta(name, (), {
+            "__init__": lambda self, *a, **k: None,
+            "__getattr__": lambda self, attr: _permissive(f"{name}_{attr}"),
+            "__call__": lambda self, *a, **k: _permissive(f"{name}_call")()})
+    return _PERMISSIVE[name]
+
+
+class _FakeBindings(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _permissive(name)
+
+
+def load_tensorrt_plugin_sources(package_dir: str, monkeypatch):
+    """Import TensorRT's pure-Python `tensorrt.plugin` package from `package_dir` (a folder holding `plugin/`,
+    e.g. TensorRT OSS `python/packaging/bindings_wheel/tensorrt`), unchanged, over a permissive stand-in for
+    the compiled bindings (AOT enabled); returns the real `tensorrt.plugin` module."""
+    import importlib
+    import sys
+
+    for name in [m for m in sys.modules if m == "tensorrt" or m.startswith("tensorrt.")]:
+        monkeypatch.delitem(sys.modules, name)
+    fake = _FakeBindings("tensorrt")
+    fake.__path__ = [str(package_dir)]
+    fake.QuickPluginCreationRequest = _permissive("QuickPluginCreationRequest")  # AOT plugins exist (10.9+)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    module = importlib.import_module("tensorrt.plugin")
+    for name in [m for m in sys.modules if m.startswith("tensorrt.")]:
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # removed again after the test
+    return module
