@@ -1,25 +1,39 @@
-"""Pass: drop what the rewrites left unused, then prove the graph is valid (shape inference + checker)."""
+"""Pass: drop what the rewrites left unused (subgraph reads count as uses), then prove the graph valid.
+
+Every `rwkvq` node is checked against its op spec (attributes against the
+constant inputs' shapes and dtypes); shape inference with type checks and the
+ONNX checker run on the exported model, in `after_export`.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import onnx
+import onnx_graphsurgeon as gs
 
-from rwkvq_onnx.graph import remove_unused
+from rwkvq_onnx.names import DOMAIN
+from rwkvq_onnx.opspec import SPECS
 
-from .base import PassResult
+from .base import Pass, PassResult, check_model, constants
 
 
-@dataclass
-class Cleanup:
-    check: bool = True
-    name: str = "cleanup"
+class Cleanup(Pass):
+    name = "cleanup"
+    domains = {}
+    phrases = {"nodes": "removed {n} unused nodes", "initializers": "removed {n} unused initializers"}
 
-    def __call__(self, model: onnx.ModelProto, payloads=None) -> PassResult:
-        nodes, inits = remove_unused(model)
+    def __init__(self, check: bool = True) -> None:
+        self.check = check
+
+    def run(self, graph: gs.Graph, payloads=None) -> PassResult:
+        nodes, inits = len(graph.nodes), len(constants(graph))
+        # graph inputs stay (a session feeds every declared input); constants a Scan body reads stay
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
         if self.check:
-            size = sum(len(t.raw_data) for t in model.graph.initializer)
-            if size < 1_800_000_000:
-                onnx.shape_inference.infer_shapes(model, check_type=True)
-                onnx.checker.check_model(model)
-        return PassResult(self.name, {"removed_nodes": nodes, "removed_initializers": inits})
+            for node in graph.nodes:
+                if node.domain == DOMAIN and node.op in SPECS:
+                    SPECS[node.op].validate(node.attrs, *node.inputs[1:], node=node.name)
+        return PassResult(self.name, {"nodes": nodes - len(graph.nodes), "initializers": inits - len(constants(graph))},
+                          phrases=self.phrases)
+
+    def after_export(self, model: onnx.ModelProto) -> None:
+        if self.check:
+            check_model(model)

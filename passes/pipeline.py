@@ -2,12 +2,15 @@
 
 `lower_payloads(graphs, payloads, options)` is the one entry point that writes
 quantized payloads (`rwkvq_onnx.quant.formats.Payloads`) into ONNX graphs:
-the sequence graph and, when there is one, the step graph. Both must receive
-the same rewrites; a graph whose pass counts differ from the first graph's is
-an error (the two graphs would then run different models).
+the sequence graph and, when there is one, the step graph. Each graph is
+imported into onnx-graphsurgeon once, every pass runs on it in order, and it
+is exported back in place. Both graphs must receive the same rewrites; a
+graph whose rewrite counts differ from the first graph's is an error (the two
+graphs would then run different models).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
@@ -15,7 +18,7 @@ import onnx
 from rwkvq_onnx.errors import ConfigError
 from rwkvq_onnx.quant.formats import Payloads
 
-from .base import PassResult
+from .base import GraphPass, PassResult, export_into, import_graph, is_needed
 from .cleanup import Cleanup
 from .lower_vq import LowerVQ
 from .quantize_embedding_head import QuantizeEmbeddingHead
@@ -34,36 +37,47 @@ class LoweringOptions:
     embedding_bits: int | None = None
     head_bits: int | None = None
     head_accuracy_level: int = 4
+    check: bool = True  # shape inference + ONNX checker on every lowered graph
 
 
-def lowering_passes(options: LoweringOptions) -> tuple:
-    """The ordered passes for `options` (each `pass(model, payloads) -> PassResult`)."""
-    passes = [RewriteScalar(options.sq_format), RewriteVector(), RewriteElementwise(fold=options.fold_elementwise)]
-    if options.embedding_bits or options.head_bits:
-        passes.append(QuantizeEmbeddingHead(options.embedding_bits, options.head_bits, options.head_accuracy_level))
-    if options.lower_vq:
-        passes.append(LowerVQ())
-    passes.append(Cleanup())
-    return tuple(passes)
+def lowering_passes(options: LoweringOptions) -> tuple[GraphPass, ...]:
+    """The passes, in the order they run, configured by `options`."""
+    return (RewriteScalar(options.sq_format),
+            RewriteVector(),
+            RewriteElementwise(fold=options.fold_elementwise),
+            QuantizeEmbeddingHead(options.embedding_bits, options.head_bits, options.head_accuracy_level),
+            LowerVQ(enabled=options.lower_vq),
+            Cleanup(check=options.check))
+
+
+def run_passes(model: onnx.ModelProto, passes: tuple[GraphPass, ...], payloads: Payloads) -> list[PassResult]:
+    """Run `passes` in order over one model (in place): one import, one export, then each pass's checks."""
+    graph = import_graph(model)
+    results = [p.run(graph, payloads) if is_needed(p, payloads) else PassResult(p.name) for p in passes]
+    export_into(graph, model, {d: v for p in passes for d, v in p.domains.items()})
+    for p in passes:
+        getattr(p, "after_export", lambda m: None)(model)
+    return results
 
 
 def lower_payloads(graphs: list[onnx.ModelProto], payloads: Payloads, options: LoweringOptions,
-                   log=None) -> list[PassResult]:
+                   log: Callable[[str], None] | None = None) -> list[PassResult]:
     """Run the pipeline over every graph (in place); return the first graph's results.
 
-    Raises ConfigError when a later graph's rewrite counts differ from the first graph's.
+    Raises ConfigError when a later graph's rewrite counts differ from the first graph's (cleanup's counts
+    may differ: the graphs hold different glue).
     """
+    passes = lowering_passes(options)
     first: list[PassResult] = []
     for i, graph in enumerate(graphs):
-        results = [p(graph, payloads) for p in lowering_passes(options)]
+        results = run_passes(graph, passes, payloads)
         if i == 0:
             first = results
-            if log:
-                for r in results:
-                    log(r.line())
+            for r in results if log else ():
+                log(r.line())
             continue
         for a, b in zip(first, results):
-            if a.name != "cleanup" and a.counts != b.counts:
+            if a.name != Cleanup.name and a.counts != b.counts:
                 raise ConfigError(f"graph {i} got different rewrites from the sequence graph in pass {a.name}: "
-                                  f"{b.counts} vs {a.counts}")
+                                  f"{b.line()} vs {a.line()}")
     return first

@@ -14,21 +14,18 @@ ops for the embedding keep it portable (TensorRT included).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_graphsurgeon as gs
 
 from rwkvq_onnx.errors import ConfigError
-from rwkvq_onnx.graph import ensure_opset
+from rwkvq_onnx.names import EMBEDDING, HEAD
 from rwkvq_onnx.quant import ScalarConfig
 from rwkvq_onnx.quant.scalar import rtn_quantize
 
-from .base import PassResult
-from .rewrite_scalar import matmulnbits_initializers
+from .base import Pass, PassResult, is_float16, replace_nodes
+from .rewrite_scalar import matmulnbits_constants
 
-EMBEDDING, HEAD = "emb.weight", "head.weight"
 HEAD_GROUP = 64
 
 
@@ -39,71 +36,74 @@ def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
 
 
-@dataclass
-class QuantizeEmbeddingHead:
-    embedding_bits: int | None = None  # 8, or None to keep it
-    head_bits: int | None = None  # 4 or 8, or None to keep it
-    # MatMulNBits accuracy_level of the head: 4 quantizes its input to int8 per block inside the kernel, which
-    # onnxruntime's CPU kernels need to be fast (0.1B head, one token: 4-bit 1.4 ms at level 4, 9.6 ms at
-    # level 0, fp32 MatMul 15.6 ms; 8-bit at level 0 falls back to a 270 ms path); 0 computes in float.
-    head_accuracy_level: int = 4
-    name: str = "quantize-embedding-head"
+class QuantizeEmbeddingHead(Pass):
+    name = "quantize-embedding-head"
+    domains = {"com.microsoft": 1}
+    phrases = {"embedding": "rewrote {n} embedding lookups to int8 rows",
+               "head": "rewrote {n} head MatMuls to MatMulNBits"}
 
-    def __post_init__(self) -> None:
-        if self.embedding_bits not in (None, 8):
-            raise ConfigError(f"--embedding-bits must be 8, got {self.embedding_bits}")
-        if self.head_bits not in (None, 4, 8):
-            raise ConfigError(f"--head-bits must be 4 or 8, got {self.head_bits}")
-        if self.head_accuracy_level not in (0, 4):
-            raise ConfigError(f"--head-accuracy-level must be 0 or 4, got {self.head_accuracy_level}")
+    def __init__(self, embedding_bits: int | None = None, head_bits: int | None = None,
+                 head_accuracy_level: int = 4) -> None:
+        """embedding_bits: 8, or None to keep it; head_bits: 4 or 8, or None to keep it.
 
-    def __call__(self, model: onnx.ModelProto, payloads=None) -> PassResult:
-        result = PassResult(self.name)
-        inits = {t.name: t for t in model.graph.initializer}
-        new_nodes: list[onnx.NodeProto] = []
-        added: list[onnx.TensorProto] = []
-        for node in model.graph.node:
-            if self.embedding_bits and node.op_type == "Gather" and node.input[0] == EMBEDDING and EMBEDDING in inits:
-                new_nodes.extend(self._embedding(node, inits[EMBEDDING], added))
+        head_accuracy_level: MatMulNBits accuracy_level of the head: 4 quantizes its input to int8 per block
+        inside the kernel, which onnxruntime's CPU kernels need to be fast (0.1B head, one token: 4-bit 1.4 ms
+        at level 4, 9.6 ms at level 0, fp32 MatMul 15.6 ms; 8-bit at level 0 falls back to a 270 ms path);
+        0 computes in float.
+        """
+        if embedding_bits not in (None, 8):
+            raise ConfigError(f"--embedding-bits must be 8, got {embedding_bits}")
+        if head_bits not in (None, 4, 8):
+            raise ConfigError(f"--head-bits must be 4 or 8, got {head_bits}")
+        if head_accuracy_level not in (0, 4):
+            raise ConfigError(f"--head-accuracy-level must be 0 or 4, got {head_accuracy_level}")
+        self.embedding_bits, self.head_bits, self.head_accuracy_level = embedding_bits, head_bits, head_accuracy_level
+
+    def run(self, graph: gs.Graph, payloads=None) -> PassResult:
+        result = PassResult(self.name, phrases=self.phrases)
+        replacements: list[tuple[gs.Node, list[gs.Node]]] = []
+        emb_constants: list[gs.Constant] = []  # built once, shared by every lookup
+        head_constants: list[gs.Constant] = []
+        for node in graph.nodes:
+            weight = node.inputs[0] if node.op == "Gather" else node.inputs[1] if node.op == "MatMul" else None
+            if not isinstance(weight, gs.Constant):
+                continue
+            if self.embedding_bits and node.op == "Gather" and weight.name == EMBEDDING:
+                emb_constants = emb_constants or self._embedding_constants(weight)
+                replacements.append((node, self._embedding(node, *emb_constants, to_fp16=is_float16(weight))))
                 result.count("embedding")
-            elif (self.head_bits and node.op_type == "MatMul" and node.input[1] == HEAD and HEAD in inits):
-                new_nodes.append(self._head(node, inits[HEAD], added))
+            elif self.head_bits and node.op == "MatMul" and weight.name == HEAD:
+                head_constants = head_constants or self._head_constants(weight)
+                k, n = weight.shape
+                attrs = dict(K=k, N=n, bits=self.head_bits, block_size=HEAD_GROUP,
+                             accuracy_level=self.head_accuracy_level)
+                replacements.append((node, [gs.Node("MatMulNBits", node.name or "head", attrs,
+                                                    [node.inputs[0], *head_constants], list(node.outputs),
+                                                    domain="com.microsoft")]))
                 result.count("head")
-            else:
-                new_nodes.append(node)
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
-        model.graph.initializer.extend(added)
-        if result.counts.get("head"):
-            ensure_opset(model, "com.microsoft", 1)
+        replace_nodes(graph, replacements)
         return result
 
     @staticmethod
-    def _once(added: list[onnx.TensorProto], tensors: list[onnx.TensorProto]) -> None:
-        have = {t.name for t in added}
-        added.extend(t for t in tensors if t.name not in have)
-
-    def _embedding(self, node: onnx.NodeProto, init: onnx.TensorProto,
-                   added: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
-        w = numpy_helper.to_array(init)
+    def _embedding_constants(weight: gs.Constant) -> list[gs.Constant]:
+        w = weight.values
         codes, scale = int8_rows(w)
-        q, s = EMBEDDING + "_q", EMBEDDING + "_scale"
-        self._once(added, [numpy_helper.from_array(codes, q),
-                           numpy_helper.from_array(scale.astype(w.dtype), s)])
-        ids, out = node.input[1], node.output[0]
-        to = TensorProto.FLOAT16 if w.dtype == np.float16 else TensorProto.FLOAT
-        base = node.name or "emb"
-        return [helper.make_node("Gather", [q, ids], [out + "_q"], name=base + "_gather_q", axis=0),
-                helper.make_node("Cast", [out + "_q"], [out + "_qf"], name=base + "_cast", to=to),
-                helper.make_node("Gather", [s, ids], [out + "_s"], name=base + "_gather_scale", axis=0),
-                helper.make_node("Mul", [out + "_qf", out + "_s"], [out], name=base + "_dequantize")]
+        return [gs.Constant(EMBEDDING + "_q", codes), gs.Constant(EMBEDDING + "_scale", scale.astype(w.dtype))]
 
-    def _head(self, node: onnx.NodeProto, init: onnx.TensorProto, added: list[onnx.TensorProto]) -> onnx.NodeProto:
-        w = numpy_helper.to_array(init)  # [K, N] as MatMul stores it
-        k, n = w.shape
+    @staticmethod
+    def _embedding(node: gs.Node, codes: gs.Constant, scale: gs.Constant, to_fp16: bool) -> list[gs.Node]:
+        ids, (out,) = node.inputs[1], node.outputs
+        base = node.name or "emb"
+        dtype = np.float16 if to_fp16 else np.float32
+        q, qf, s = (gs.Variable(out.name + suffix, dtype=d) for suffix, d in
+                    (("_q", np.int8), ("_qf", dtype), ("_s", dtype)))
+        to = onnx.TensorProto.FLOAT16 if to_fp16 else onnx.TensorProto.FLOAT
+        return [gs.Node("Gather", base + "_gather_q", {"axis": 0}, [codes, ids], [q]),
+                gs.Node("Cast", base + "_cast", {"to": to}, [q], [qf]),
+                gs.Node("Gather", base + "_gather_scale", {"axis": 0}, [scale, ids], [s]),
+                gs.Node("Mul", base + "_dequantize", {}, [qf, s], [out])]
+
+    def _head_constants(self, weight: gs.Constant) -> list[gs.Constant]:
+        w = weight.values  # [K, N] as MatMul stores it
         q = rtn_quantize(w.T.astype(np.float32), cfg=ScalarConfig(bits=self.head_bits, group_size=HEAD_GROUP))
-        tensors = matmulnbits_initializers(q, HEAD, w.dtype)
-        self._once(added, tensors)
-        return helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output),
-                                name=node.name or "head", domain="com.microsoft", K=k, N=n, bits=self.head_bits,
-                                block_size=HEAD_GROUP, accuracy_level=self.head_accuracy_level)
+        return matmulnbits_constants(q, HEAD, w.dtype)

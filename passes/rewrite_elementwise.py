@@ -6,53 +6,46 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import numpy as np
+import onnx_graphsurgeon as gs
 
 from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
 from rwkvq_onnx.opspec import vq_elementwise
-from rwkvq_onnx.graph import consumers, ensure_opset, get_initializer, set_initializer
-
 from rwkvq_onnx.quant.formats import Payloads
 
-from .base import PassResult
+from .base import Pass, PassResult, constants, replace_nodes
 
 
-@dataclass
-class RewriteElementwise:
-    fold: bool = False
-    name: str = "rewrite-elementwise"
+class RewriteElementwise(Pass):
+    name = "rewrite-elementwise"
+    requires = ("elementwise",)
+    domains = {DOMAIN: OPSET_VERSION}
+    phrases = {"vq_elementwise": "rewrote {n} Muls to " + vq_elementwise.QUALIFIED,
+               "folded": "folded {n} decoded vectors into constants"}
 
-    def __call__(self, model: onnx.ModelProto, payloads: Payloads) -> PassResult:
-        result = PassResult(self.name)
-        users = consumers(model)
-        inits = {t.name: t for t in model.graph.initializer}
-        replace: dict[int, onnx.NodeProto] = {}
+    def __init__(self, fold: bool = False) -> None:
+        self.fold = fold
+
+    def run(self, graph: gs.Graph, payloads: Payloads) -> PassResult:
+        result = PassResult(self.name, phrases=self.phrases)
+        found = constants(graph)
+        replacements = []
         for name, q in payloads.elementwise.items():
-            if name not in inits:
+            if name not in found:
                 continue
-            orig = get_initializer(model, name)
-            muls = [n for n in users.get(name, []) if n.op_type == "Mul"]
-            direct = len(users.get(name, [])) == 1 and len(muls) == 1
-            if self.fold or not direct or inits[name].data_type != TensorProto.FLOAT:
-                set_initializer(model, name, q.dequantize().reshape(orig.shape).astype(orig.dtype))
+            vector = found[name]
+            users = list(vector.outputs)
+            direct = len(users) == 1 and users[0].op == "Mul"
+            if self.fold or not direct or vector.dtype != np.float32:
+                vector.values = q.dequantize().reshape(vector.shape).astype(vector.dtype)
                 result.count("folded")
                 continue
-            mul = muls[0]
-            arrays, checked = vq_elementwise.pack(q)
-            attrs = checked.as_dict()
-            names = [f"{name}_codes", f"{name}_codebook"]
-            model.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(arrays.values(), names))
-            x = mul.input[0] if mul.input[1] == name else mul.input[1]
-            replace[id(mul)] = helper.make_node(
-                "VQElementwise", [x, *names], list(mul.output), name=mul.name, domain=DOMAIN,
-                index_bits=attrs["index_bits"], shape=",".join(str(s) for s in orig.shape))
+            mul = users[0]
+            arrays, attrs = vq_elementwise.pack(q, shape=tuple(vector.shape))
+            inputs = [gs.Constant(f"{name}_{key}", arrays[key]) for key in vq_elementwise.INPUTS[1:]]
+            x = mul.inputs[0] if mul.inputs[1] is vector else mul.inputs[1]
+            replacements.append((mul, [gs.Node(vq_elementwise.OP_TYPE, mul.name, attrs.as_dict(), [x, *inputs],
+                                               list(mul.outputs), domain=DOMAIN)]))
             result.count("vq_elementwise")
-        if replace:
-            nodes = [replace.get(id(n), n) for n in model.graph.node]
-            del model.graph.node[:]
-            model.graph.node.extend(nodes)
-            ensure_opset(model, DOMAIN, OPSET_VERSION)
+        replace_nodes(graph, replacements)
         return result

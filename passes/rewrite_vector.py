@@ -2,58 +2,48 @@
 
     MatMul(x, W) -> rwkvq.VQMatMul(x, codes, codebooks, scales)
 
-codes are bit-packed per row (index_bits each), codebooks int8 with one
-scale per codebook, all initializers named after the weight. In float16
-graphs the op runs in float32 between two Casts.
+Inputs and attributes come from `rwkvq_onnx.opspec.vq_matmul.pack`; the
+constants are named after the weight (W_codes, W_codebooks, W_scales). In
+float16 graphs the op runs in float32 between two Casts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_graphsurgeon as gs
 
 from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
 from rwkvq_onnx.opspec import vq_matmul
-from rwkvq_onnx.errors import ConfigError
-from rwkvq_onnx.graph import ensure_opset
 from rwkvq_onnx.quant import VectorQuantized
-
 from rwkvq_onnx.quant.formats import Payloads
 
-from .base import PassResult, rewrite_weight_matmuls
+from .base import Pass, PassResult, is_float16, replace_nodes, weight_matmuls
 
 
-@dataclass
-class RewriteVector:
-    name: str = "rewrite-vector"
+class RewriteVector(Pass):
+    name = "rewrite-vector"
+    requires = ("vector",)
+    domains = {DOMAIN: OPSET_VERSION}
+    phrases = {"vq_matmul": "rewrote {n} MatMuls to " + vq_matmul.QUALIFIED}
 
-    def __call__(self, model: onnx.ModelProto, payloads: Payloads) -> PassResult:
-        result = PassResult(self.name)
+    def run(self, graph: gs.Graph, payloads: Payloads) -> PassResult:
+        result = PassResult(self.name, phrases=self.phrases)
         targets = {n: q for n, q in payloads.linear.items() if isinstance(q, VectorQuantized)}
-        inits = {t.name: t for t in model.graph.initializer}
-
-        def replace(node: onnx.NodeProto, w: str) -> list[onnx.NodeProto]:
-            q = targets[w]
-            if q.codebook_bits > 8:
-                raise ConfigError(f"{w}: rwkvq.VQMatMul stores 8-bit codebooks, got {q.codebook_bits}-bit")
-            arrays, checked = vq_matmul.pack(q)
-            attrs = checked.as_dict()
-            names = [f"{w}_{k}" for k in arrays]
-            model.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(arrays.values(), names))
-            fp16 = inits[w].data_type == TensorProto.FLOAT16
-            x, y = node.input[0], node.output[0]
+        replacements = []
+        for node, w in weight_matmuls(graph, targets):
+            arrays, attrs = vq_matmul.pack(targets[w])
+            inputs = [gs.Constant(f"{w}_{key}", arrays[key]) for key in vq_matmul.INPUTS[1:]]
+            x, (y,) = node.inputs[0], node.outputs
             nodes = []
+            fp16 = is_float16(node.inputs[1])
             if fp16:
-                nodes.append(helper.make_node("Cast", [x], [w + "_x32"], to=TensorProto.FLOAT))
-                x, y = w + "_x32", w + "_y32"
-            nodes.append(helper.make_node("VQMatMul", [x, *names], [y], name=node.name, domain=DOMAIN, **attrs))
+                x32, y32 = gs.Variable(w + "_x32", dtype=np.float32), gs.Variable(w + "_y32", dtype=np.float32)
+                nodes.append(gs.Node("Cast", w + "_cast_in", {"to": onnx.TensorProto.FLOAT}, [x], [x32]))
+                x, y = x32, y32
+            nodes.append(gs.Node(vq_matmul.OP_TYPE, node.name, attrs.as_dict(), [x, *inputs], [y], domain=DOMAIN))
             if fp16:
-                nodes.append(helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.FLOAT16))
+                nodes.append(gs.Node("Cast", w + "_cast_out", {"to": onnx.TensorProto.FLOAT16}, [y], list(node.outputs)))
+            replacements.append((node, nodes))
             result.count("vq_matmul")
-            return nodes
-
-        rewrite_weight_matmuls(model, targets, replace)
-        if result.counts:
-            ensure_opset(model, DOMAIN, OPSET_VERSION)
+        replace_nodes(graph, replacements)
         return result

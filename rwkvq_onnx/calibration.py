@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .errors import CalibrationError
 from .evaluate import read_documents
 from .graph import consumers
+from .names import EXCLUDED_LINEAR, is_elementwise_vector
 from .tokenizers import Tokenizer
 
 
@@ -46,9 +47,6 @@ class CalibrationStats:
     samples: int = 0
 
 
-EXCLUDED_LINEAR = ("head.weight",)
-
-
 def find_targets(model: onnx.ModelProto, include_head: bool = False) -> tuple[list[LinearTarget], list[ElementwiseTarget]]:
     """Weight MatMuls (2-D checkpoint weights) and element-wise Muls by checkpoint vectors, by name."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -67,17 +65,6 @@ def find_targets(model: onnx.ModelProto, include_head: bool = False) -> tuple[li
         if act is not None:
             elementwise.append(ElementwiseTarget(name, act, tuple(int(d) for d in t.dims)))
     return linear, elementwise
-
-
-ELEMENTWISE_SUFFIXES = ("att.x_r", "att.x_w", "att.x_k", "att.x_v", "att.x_a", "att.x_g", "ffn.x_k",
-                        "att.k_k", "att.k_a", "att.r_k", "att.time_maa_x", "att.time_maa_w", "att.time_maa_k",
-                        "att.time_maa_v", "att.time_maa_r", "att.time_maa_g", "ffn.time_maa_k",
-                        "ffn.time_maa_r")
-
-
-def is_elementwise_vector(name: str) -> bool:
-    """Token-shift mixes, k_k, k_a, r_k (v7) and time_maa_* (v6): the paper's element-wise vectors."""
-    return name.endswith(ELEMENTWISE_SUFFIXES)
 
 
 def multiplied_activation(model: onnx.ModelProto, vector: str, users=None) -> str | None:

@@ -34,23 +34,11 @@ from .atomic import atomic_dir
 from .checkpoint import ModelConfig
 from .errors import ConfigError
 from .graph_builder import FLOAT, FLOAT16, INT64, OPSET, GraphBuilder, tensor_type
+from .names import CONFIG_KEY, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, is_linear_weight
 
 STATE_NAMES = ("state_att_shift", "state_ffn_shift", "state_wkv")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB
 MODES = ("sequence", "step", "both")
-
-# Weights consumed in the float32 part of an fp16 graph stay float32.
-_FP32_SUFFIXES = ("ln0.weight", "ln0.bias", "ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias",
-                  "ln_x.weight", "ln_x.bias", "ln_out.weight", "ln_out.bias", "att.w0",
-                  "att.time_decay", "att.time_faaaa")
-_LINEAR_SUFFIXES = ("receptance.weight", "key.weight", "value.weight", "output.weight",
-                    "gate.weight", "head.weight")
-
-
-def is_linear_weight(key: str) -> bool:
-    """A `nn.Linear` weight: stored [out, in] in the checkpoint, [in, out] in ONNX."""
-    return key.endswith(_LINEAR_SUFFIXES)
-
 
 def step_path(path: str | Path) -> Path:
     """The step graph written beside a sequence graph: `OUT.onnx` -> `OUT.step.onnx`."""
@@ -78,7 +66,7 @@ class _Ctx:
             arr = arr.T
         elif arr.ndim == 3 and arr.shape[:2] == (1, 1):
             arr = arr.reshape(-1)
-        fp32 = self.act == FLOAT or key.endswith(_FP32_SUFFIXES)
+        fp32 = self.act == FLOAT or key.endswith(FP32_SUFFIXES)
         return self.g.initializer(key, arr.astype(np.float32 if fp32 else np.float16))
 
     def cast(self, x: str, to: int) -> str:
@@ -250,7 +238,7 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
     g = c.g
     L, C, H, N, V = config.n_layer, config.n_embd, config.n_head, config.head_size, config.vocab_size
     tok_name, lead = ("token", ["batch"]) if step else ("tokens", ["batch", "tokens"])
-    x = g.op("Gather", [c.w("emb.weight"), tok_name], axis=0)
+    x = g.op("Gather", [c.w(EMBEDDING), tok_name], axis=0)
     x = c.layer_norm(c.to_f32(x), "blocks.0.ln0")
     att, ffn, wkv = [], [], []
     v_first = None
@@ -269,7 +257,7 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
         ffn.append(c.to_f32(last))
         x = g.op("Add", [x, c.to_f32(out)])
     x = c.to_act(c.layer_norm(x, "ln_out"))
-    g.op("Identity", [c.to_f32(c.mm(x, "head.weight"))], outputs=["logits"])
+    g.op("Identity", [c.to_f32(c.mm(x, HEAD))], outputs=["logits"])
     for name, parts in zip(STATE_NAMES, (att, ffn, wkv)):
         g.op("Concat", [g.op("Unsqueeze", [p, g.ints([0])]) for p in parts], outputs=["new_" + name], axis=0)
 
@@ -290,9 +278,9 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="rwkvq-onnx", ir_version=10)
     helper.set_model_props(model, {
-        "rwkvq.config": config.to_json(),
-        "rwkvq.graph": "step" if step else "sequence",
-        "rwkvq.dtype": "float16" if fp16 else "float32",
+        CONFIG_KEY: config.to_json(),
+        GRAPH_KEY: "step" if step else "sequence",
+        DTYPE_KEY: "float16" if fp16 else "float32",
     })
     return model
 
@@ -328,6 +316,6 @@ def export(config: ModelConfig, state_dict: Mapping[str, np.ndarray], out: str |
 def read_config(model: onnx.ModelProto) -> ModelConfig:
     """The model config an exported graph carries in its metadata."""
     props = {p.key: p.value for p in model.metadata_props}
-    if "rwkvq.config" not in props:
-        raise ConfigError("not an rwkvq-onnx export (no 'rwkvq.config' metadata)")
-    return ModelConfig.from_json(props["rwkvq.config"])
+    if CONFIG_KEY not in props:
+        raise ConfigError(f"not an rwkvq-onnx export (no '{CONFIG_KEY}' metadata)")
+    return ModelConfig.from_json(props[CONFIG_KEY])

@@ -14,6 +14,7 @@ import numpy as np
 from .checkpoint import ModelConfig
 from .errors import ConfigError, RwkvqError
 from .export import step_path
+from .names import CONFIG_KEY, GRAPH_KEY
 
 StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -72,9 +73,10 @@ def open_session(path: str | Path, threads: int | None = None):
 
 def _metadata(session, path: Path) -> tuple[ModelConfig, str]:
     meta = session.get_modelmeta().custom_metadata_map
-    if "rwkvq.config" not in meta:
-        raise RwkvqError("not an rwkvq-onnx model (no 'rwkvq.config' metadata; export it with `rwkvq-onnx export`)", path)
-    return ModelConfig(**json.loads(meta["rwkvq.config"])), meta.get("rwkvq.graph", "sequence")
+    if CONFIG_KEY not in meta:
+        raise RwkvqError(f"not an rwkvq-onnx model (no '{CONFIG_KEY}' metadata; export it with `rwkvq-onnx export`)",
+                         path)
+    return ModelConfig(**json.loads(meta[CONFIG_KEY])), meta.get(GRAPH_KEY, "sequence")
 
 
 class RwkvSession:

@@ -11,12 +11,12 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from rwkvq_onnx.names import DOMAIN
-from rwkvq_onnx.opspec import vq_elementwise, vq_matmul
 from rwkvq_onnx.checkpoint import load_checkpoint
 from rwkvq_onnx.cli import main
 from rwkvq_onnx.evaluate import evaluate_text
 from rwkvq_onnx.export import export, step_path
+from rwkvq_onnx.names import DOMAIN
+from rwkvq_onnx.opspec import vq_elementwise, vq_matmul
 from rwkvq_onnx.quant import GPTQConfig, VQConfig, elementwise_quantize, gptq_quantize, gptvq_quantize
 from rwkvq_onnx.quantize import QuantizeOptions, quantize_model
 from rwkvq_onnx.runtime import RwkvSession, session_options

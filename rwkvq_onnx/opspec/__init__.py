@@ -13,4 +13,8 @@ runtime can use the references.
 """
 from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
 
-__all__ = ["DOMAIN", "OPSET_VERSION"]
+from . import vq_elementwise, vq_matmul
+
+SPECS = {spec.OP_TYPE: spec for spec in (vq_matmul, vq_elementwise)}  # op type -> its spec module
+
+__all__ = ["DOMAIN", "OPSET_VERSION", "SPECS", "vq_elementwise", "vq_matmul"]

@@ -108,11 +108,16 @@ def validate(attrs: Mapping[str, Any], codes: Any = None, codebook: Any = None, 
     return a
 
 
-def pack(q: ElementwiseQuantized) -> tuple[dict[str, np.ndarray], Attributes]:
-    """The op's constant inputs (codes, codebook) and attributes for an element-wise payload."""
+def pack(q: ElementwiseQuantized, shape: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], Attributes]:
+    """The op's constant inputs (codes, codebook) and attributes for an element-wise payload.
+
+    shape: the vector's shape in the graph (e.g. [1, 1, C] for a payload of shape [C]; same element count),
+    default the payload's own.
+    """
+    shape = tuple(q.shape if shape is None else shape)
     arrays = {"codes": pack_bits(np.asarray(q.codes).reshape(-1), q.index_bits),
               "codebook": np.ascontiguousarray(q.codebook, dtype=np.float32)}
-    attrs = validate({"index_bits": q.index_bits, "shape": format_shape(q.shape)}, **arrays,
+    attrs = validate({"index_bits": q.index_bits, "shape": format_shape(shape)}, **arrays,
                      node=f"payload {list(q.shape)}")
     return arrays, attrs
 
@@ -136,19 +141,20 @@ def reference(x: np.ndarray, codes: np.ndarray, codebook: np.ndarray, **attrs: A
     return (np.asarray(x, np.float32) * v).astype(np.asarray(x).dtype)
 
 
-def lower(graph: gs.Graph, node: gs.Node, prefix: str) -> None:
-    """Replace `node` in `graph` with `Mul(x, Gather(codebook, index))`, tensors named `prefix`_*.
+def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
+    """Standard ONNX nodes `Mul(x, Gather(codebook, index))` computing what `node` computes (they take over its
+    output), tensors named `prefix`_*.
 
     index is the int32 `indices` array of the vector's shape (stored unpacked: a compatibility path).
     """
     import onnx_graphsurgeon as gs
 
+    if not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
+        raise fail(node.name, QUALIFIED, "lowering needs constant codes and codebooks")
     x, codes, codebook = node.inputs
     a = validate(node.attrs, codes, codebook, node=node.name)
     index = gs.Constant(prefix + "_index", indices(a, codes.values).astype(np.int32))
     book = gs.Constant(prefix + "_book", np.asarray(codebook.values, np.float32))
     vector = gs.Variable(prefix + "_v", dtype=np.float32)
-    graph.nodes += [gs.Node("Gather", prefix + "_gather", {"axis": 0}, [book, index], [vector]),
-                    gs.Node("Mul", node.name or prefix, {}, [x, vector], list(node.outputs))]
-    node.outputs.clear()
-    node.inputs.clear()
+    return [gs.Node("Gather", prefix + "_gather", {"axis": 0}, [book, index], [vector]),
+            gs.Node("Mul", node.name or prefix, {}, [x, vector], list(node.outputs))]

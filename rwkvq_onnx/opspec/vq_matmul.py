@@ -152,8 +152,8 @@ def reference(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: n
     return (np.asarray(x, np.float32) @ w.T).astype(np.asarray(x).dtype)
 
 
-def lower(graph: gs.Graph, node: gs.Node, prefix: str) -> None:
-    """Replace `node` in `graph` with standard ONNX ops computing the same y, tensors named `prefix`_*.
+def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
+    """Standard ONNX nodes computing what `node` computes (they take over its output), tensors named `prefix`_*.
 
         MatMul(x, Transpose(Reshape(Gather(table, index), [N, K])))
 
@@ -162,6 +162,8 @@ def lower(graph: gs.Graph, node: gs.Node, prefix: str) -> None:
     """
     import onnx_graphsurgeon as gs
 
+    if not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
+        raise fail(node.name, QUALIFIED, "lowering needs constant codes and codebooks")
     x, codes, codebooks, scales = node.inputs
     a = validate(node.attrs, codes, codebooks, scales, node=node.name)
     table = gs.Constant(prefix + "_table", decoded_table(codebooks.values, scales.values))
@@ -170,9 +172,7 @@ def lower(graph: gs.Graph, node: gs.Node, prefix: str) -> None:
     gathered = gs.Variable(prefix + "_g", dtype=np.float32)
     weight = gs.Variable(prefix + "_w", dtype=np.float32)
     weight_t = gs.Variable(prefix + "_wt", dtype=np.float32)
-    graph.nodes += [gs.Node("Gather", prefix + "_gather", {"axis": 0}, [table, index], [gathered]),
-                    gs.Node("Reshape", prefix + "_reshape", {}, [gathered, shape], [weight]),
-                    gs.Node("Transpose", prefix + "_transpose", {"perm": [1, 0]}, [weight], [weight_t]),
-                    gs.Node("MatMul", node.name or prefix, {}, [x, weight_t], list(node.outputs))]
-    node.outputs.clear()
-    node.inputs.clear()
+    return [gs.Node("Gather", prefix + "_gather", {"axis": 0}, [table, index], [gathered]),
+            gs.Node("Reshape", prefix + "_reshape", {}, [gathered, shape], [weight]),
+            gs.Node("Transpose", prefix + "_transpose", {"perm": [1, 0]}, [weight], [weight_t]),
+            gs.Node("MatMul", node.name or prefix, {}, [x, weight_t], list(node.outputs))]
