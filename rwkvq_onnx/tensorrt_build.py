@@ -35,7 +35,7 @@ from .atomic import atomic_path, check_writable, write_text
 from .errors import ConfigError, MissingDependencyError, OutputError
 from .export import read_config
 from .names import DOMAIN, DTYPE_KEY
-from .opspec import vq_elementwise, vq_matmul
+from .opspec import SPECS, vq_matmul
 
 TENSORRT_HINT = ("install TensorRT 10.9 or later (pip install 'rwkvq-onnx[tensorrt]') on a machine with an NVIDIA "
                  "GPU and driver; see README, 'GPU deployment'")
@@ -119,9 +119,6 @@ def optimization_profile(model: onnx.ModelProto, max_batch: int, max_seq: int) -
 def plugin_rows(model: onnx.ModelProto, max_batch: int, max_seq: int) -> int:
     """Most activation rows one plugin call sees under the profile: B for a step graph, B*T for a sequence."""
     return max_batch if is_step_graph(model) else max_batch * max_seq
-
-
-SPECS = {vq_matmul.OP_TYPE: vq_matmul, vq_elementwise.OP_TYPE: vq_elementwise}
 
 
 @dataclass(frozen=True)
