@@ -59,11 +59,6 @@ class PassResult:
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
-    @property
-    def total(self) -> int:
-        """Rewrites done, all kinds together."""
-        return sum(self.counts.values())
-
     def line(self) -> str:
         parts = [self.phrases.get(k, "{n} " + k).format(n=v) for k, v in self.counts.items() if v]
         reasons: dict[str, int] = {}
@@ -79,6 +74,8 @@ class GraphPass(Protocol):
     domains: dict[str, int]
 
     def run(self, graph: gs.Graph, payloads: Payloads) -> PassResult: ...
+
+    def after_export(self, model: onnx.ModelProto) -> None: ...
 
 
 def payload_kinds(payloads: Payloads) -> set[str]:
@@ -117,13 +114,31 @@ class Pass:
 # ---- graph helpers the passes share -------------------------------------------------------------------
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """The main graph of `model` as a graphsurgeon Graph (initializers stay lazy)."""
-    return gs.import_onnx(model)
+    """The main graph of `model` as a graphsurgeon Graph (initializers stay lazy).
+
+    graphsurgeon keeps only the constants some node reads, so the graph also carries
+    `source_initializers`: the names of the model's initializers when it was imported (what cleanup
+    counts its removals against).
+    """
+    graph = gs.import_onnx(model)
+    graph.source_initializers = frozenset(t.name for t in model.graph.initializer)
+    return graph
 
 
 def constants(graph: gs.Graph) -> dict[str, gs.Constant]:
-    """Name -> constant tensor of the main graph and its subgraphs."""
+    """Name -> constant tensor of the main graph (subgraphs' own constants are not included)."""
     return {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+
+
+def constant_names(graph: gs.Graph) -> set[str]:
+    """Names of the constants the graph or any subgraph of it (Scan, Loop and If bodies) reads."""
+    names = set(constants(graph))
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    names |= constant_names(sub)
+    return names
 
 
 def weight_matmuls(graph: gs.Graph, weights) -> list[tuple[gs.Node, str]]:

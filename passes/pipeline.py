@@ -56,7 +56,7 @@ def run_passes(model: onnx.ModelProto, passes: tuple[GraphPass, ...], payloads: 
     results = [p.run(graph, payloads) if is_needed(p, payloads) else PassResult(p.name) for p in passes]
     export_into(graph, model, {d: v for p in passes for d, v in p.domains.items()})
     for p in passes:
-        getattr(p, "after_export", lambda m: None)(model)
+        p.after_export(model)
     return results
 
 

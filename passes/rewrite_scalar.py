@@ -67,7 +67,8 @@ class RewriteScalar(Pass):
     name = "rewrite-scalar"
     requires = ("scalar",)
     domains = {"com.microsoft": 1}
-    phrases = {"qdq": "rewrote {n} MatMuls to DequantizeLinear + MatMul", "matmulnbits": "rewrote {n} MatMuls to MatMulNBits"}
+    phrases = {"qdq": "rewrote {n} MatMuls to DequantizeLinear + MatMul",
+               "matmulnbits": "rewrote {n} MatMuls to MatMulNBits"}
 
     def __init__(self, format: str = "qdq") -> None:
         if format not in FORMATS:

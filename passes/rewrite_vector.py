@@ -42,7 +42,8 @@ class RewriteVector(Pass):
                 x, y = x32, y32
             nodes.append(gs.Node(vq_matmul.OP_TYPE, node.name, attrs.as_dict(), [x, *inputs], [y], domain=DOMAIN))
             if fp16:
-                nodes.append(gs.Node("Cast", w + "_cast_out", {"to": onnx.TensorProto.FLOAT16}, [y], list(node.outputs)))
+                nodes.append(gs.Node("Cast", w + "_cast_out", {"to": onnx.TensorProto.FLOAT16}, [y],
+                                     list(node.outputs)))
             replacements.append((node, nodes))
             result.count("vq_matmul")
         replace_nodes(graph, replacements)

@@ -121,7 +121,8 @@ def test_lower_payloads_refuses_a_step_graph_with_different_rewrites(tiny):
 def test_cleanup_keeps_initializers_a_scan_body_reads_from_the_outer_scope():
     def body(i):
         return helper.make_graph(
-            [helper.make_node("Mul", [f"x{i}", "w"], [f"xw{i}"]), helper.make_node("Add", [f"s{i}", f"xw{i}"], [f"t{i}"]),
+            [helper.make_node("Mul", [f"x{i}", "w"], [f"xw{i}"]),
+             helper.make_node("Add", [f"s{i}", f"xw{i}"], [f"t{i}"]),
              helper.make_node("Identity", [f"t{i}"], [f"o{i}"])], f"body{i}",
             [helper.make_tensor_value_info(f"s{i}", TensorProto.FLOAT, [4]),
              helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [4])],
@@ -166,3 +167,30 @@ def test_cleanup_refuses_an_rwkvq_node_whose_attributes_disagree_with_its_inputs
     next(a for a in node.attribute if a.name == "group_rows").i = 16  # codebooks were built for 32 rows
     with pytest.raises(ConfigError, match=f"rwkvq.VQMatMul node '{node.name}': input codebooks has shape"):
         Cleanup()(model)
+
+
+def test_cleanup_counts_the_weights_the_rewrites_replaced(tiny):
+    config, sd = tiny
+    model = build_graph(config, sd, step=True)
+    results = {r.name: r for r in lower_payloads([model], _payloads(sd), LoweringOptions())}
+    # the two linear weights and the element-wise vector are no longer initializers
+    assert results["cleanup"].counts["initializers"] == 3
+    assert results["cleanup"].line() == "cleanup: removed 3 unused initializers"
+
+
+def test_pipeline_on_a_float16_graph_casts_around_the_op_and_folds_vectors(tiny):
+    config, sd = tiny
+    model = build_graph(config, sd, step=True, fp16=True)
+    payloads = _payloads(sd)
+    expected_model = onnx.ModelProto()
+    expected_model.CopyFrom(model)
+    for name, q in payloads.linear.items():
+        set_initializer(expected_model, name, q.dequantize().T.astype(np.float16))
+    set_initializer(expected_model, EW, payloads.elementwise[EW].dequantize().reshape(sd[EW].shape).astype(np.float16))
+    results = {r.name: r.counts for r in lower_payloads([model], payloads, LoweringOptions())}
+    assert results["rewrite-vector"] == {"vq_matmul": 1} and results["rewrite-elementwise"] == {"folded": 1}
+    vq = next(n for n in model.graph.node if n.op_type == "VQMatMul")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert producers[vq.input[0]].op_type == "Cast"
+    feeds = _feeds(config, model)
+    np.testing.assert_allclose(_run(model, feeds), _run(expected_model, feeds), atol=2e-2, rtol=1e-2)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
+from rwkvq_onnx.names import DOMAIN, OPSET_VERSION  # noqa: F401  (part of the spec: <op>.OPSET_VERSION)
 
 from .bitpack import pack_bits, packed_bytes, unpack_bits
 from .checks import INT32_LIMIT, expect_dtype, expect_shape, fail, int_attr
