@@ -9,8 +9,14 @@ against `rwkvq_onnx.ops`. Tolerance: outputs are fp16, so each is allowed
 2^-10 of the largest |reference| value (fp16 rounding of the result plus
 fp32 accumulation-order differences); decoded weights must match exactly.
 
-Speed: VQ GEMV vs a dense fp16 GEMV (cuBLAS through CuPy) at batch 1 for
-4096x4096 and 4096x14336 (and 14336x4096), with the bytes each reads.
+Speed: VQ GEMV vs a dense fp16 GEMV (cuBLAS through torch) at batch 1 for
+4096x4096 and 4096x14336 (and 14336x4096), with the bytes each reads. The
+GEMV launched is the TensorRT plugin's (`rwkvq_trt_vq_gemv_decode` at batch
+1, geometry from `trt_plugins.gemv_launch`), so the numbers are the engine's
+kernel. Each timed call reads weights that are not in L2: calls rotate
+through copies of the weights whose total is at least `L2_FACTOR` times the
+L2 size (`rotation_count`), because a single 4096x4096 set stays L2-resident
+and then reads faster than HBM can deliver.
 """
 from __future__ import annotations
 
@@ -26,10 +32,27 @@ sys.path.insert(0, str(ROOT))
 
 from rwkvq_onnx.opspec.bitpack import pack_bits  # noqa: E402
 from rwkvq_onnx.opspec import vq_elementwise, vq_matmul  # noqa: E402
+from rwkvq_onnx.plugins import trt_plugins  # noqa: E402
 
 SOURCE = Path(__file__).with_name("rwkvq_kernels.cu")
 TOL = 2.0 ** -10
-DECODE_ROWS_PER_WARP = 2  # RWKVQ_DECODE_ROWS_PER_WARP in rwkvq_kernels.cu
+L2_FACTOR = 3  # weight copies rotated per timing: their total is at least this many L2 sizes
+MAX_ROTATION_BYTES = 8 << 30  # never allocate more than this for the copies
+
+
+def rotation_count(set_bytes: int, l2_bytes: int, factor: int = L2_FACTOR,
+                   max_bytes: int = MAX_ROTATION_BYTES) -> int:
+    """How many copies of a working set to rotate through so that each timed call finds its data out of L2.
+
+    The copies total at least `factor` x L2 (a set read n-1 calls ago has been evicted by the n-1 sets read
+    since); at least 2, since one set re-read back to back is always cache-resident. Refuses when that needs
+    more than `max_bytes`."""
+    if set_bytes <= 0 or l2_bytes <= 0:
+        raise ValueError(f"set_bytes and l2_bytes must be positive, got {set_bytes}, {l2_bytes}")
+    n = max(2, -(-factor * l2_bytes // set_bytes))
+    if n * set_bytes > max_bytes and n > 2:
+        raise ValueError(f"{n} copies of {set_bytes} bytes exceed {max_bytes} bytes")
+    return n
 
 
 def load_module():
@@ -49,29 +72,27 @@ def random_payload(rng, n, k, dim, bits_per_weight, group_rows, group_cols):
     return packed, books, scales, attrs
 
 
-def fast_path_ok(attrs) -> bool:
-    d, k, gc, bits = attrs["dim"], attrs["K"], attrs["group_cols"], attrs["index_bits"]
-    row_bytes = -(-(k // d) * bits // 8)
-    return k % gc == 0 and gc % d == 0 and row_bytes % 4 == 0 and bits <= 16
+def fast_path_ok(attrs, rows: int = 1) -> bool:
+    """Whether the TensorRT plugin's GEMV takes this layout (the same rule build-engine applies)."""
+    layout = [attrs[k] for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits")]
+    return trt_plugins.gemv_supported(*layout, max_rows=rows) is None
 
 
-def gemv_launcher(mod, x, packed, books, scales, attrs, y, generic=False, warps=8):
-    """A zero-argument callable that launches the VQ GEMV (shared-memory path when the layout allows it)."""
+def gemv_launcher(mod, x, packed, books, scales, attrs, y, generic=False):
+    """A zero-argument callable that launches the VQ GEMV: the TensorRT plugin's entry point and launch
+    geometry (trt_plugins.gemv_launch) when the layout allows it, else the generic kernel."""
     B, K = x.shape
     N, d, gr, gc, bits = attrs["N"], attrs["dim"], attrs["group_rows"], attrs["group_cols"], attrs["index_bits"]
-    args = (x, packed, books, scales, y, np.int32(B), np.int32(N), np.int32(K), np.int32(d), np.int32(gr),
-            np.int32(gc), np.int32(bits), np.int32(packed.shape[1]))
-    if not generic and fast_path_ok(attrs):
-        rpw = DECODE_ROWS_PER_WARP if B == 1 else 1
-        warps = max(1, min(warps, -(-gr // rpw)))
-        smem = 4 * ((K // gc) * (1 << bits) * d + warps * rpw * (32 * bits + 1))
-        fn = mod.get_function("rwkvq_vq_gemv_smem" if B == 1 else "rwkvq_vq_gemv_smem_batch")
-        if smem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = smem
-        grid, block = (-(-N // gr), -(-gr // (warps * rpw))), (32 * warps,)
-        return lambda: fn(grid, block, args, shared_mem=smem)
+    scalars = (np.int32(B), np.int32(N), np.int32(K), np.int32(d), np.int32(gr), np.int32(gc), np.int32(bits),
+               np.int32(packed.shape[1]))
+    if not generic and fast_path_ok(attrs, B):
+        launch = trt_plugins.gemv_launch(N, K, d, gr, gc, bits, max_rows=B)
+        fn = mod.get_function(launch["kernel"])
+        args = (x, packed, books, scales, *scalars, y)  # TensorRT's order: inputs, scalars, outputs
+        return lambda: fn(launch["grid"], (launch["block"],), args, shared_mem=launch["shared_mem"])
     fn = mod.get_function("rwkvq_vq_gemv")
     grid = (-(-N // 4),)
+    args = (x, packed, books, scales, y, *scalars)
     return lambda: fn(grid, (128,), args)
 
 
@@ -98,7 +119,7 @@ def check_correctness(mod, rng) -> list[dict]:
             for generic in (False, True):
                 got = gemv(mod, cp.asarray(x), d_packed, d_books, d_scales, attrs, generic=generic)
                 err = float(np.abs(got.get().astype(np.float64) - ref).max() / np.abs(ref).max())
-                kernel = "vq_gemv" if generic or not fast_path_ok(attrs) else "vq_gemv_smem"
+                kernel = "vq_gemv" if generic or not fast_path_ok(attrs, B) else "trt_vq_gemv"
                 results.append({"kernel": kernel, "shape": [n, k], "dim": dim, "group_rows": gr, "batch": B,
                                 "rel_err": err, "ok": err <= TOL})
         dense = cp.empty((n, k), cp.float16)
@@ -127,16 +148,20 @@ def check_correctness(mod, rng) -> list[dict]:
     return results
 
 
-def time_ms(fn, iters: int = 200) -> float:
-    """GPU time per launch, captured in a CUDA graph so Python launch overhead is not counted."""
+def time_ms(fns, iters: int = 200) -> float:
+    """GPU time per launch, captured in a CUDA graph so Python launch overhead is not counted.
+
+    `fns`: launchers over distinct buffer copies, called in rotation (see `rotation_count`)."""
     import cupy as cp
 
-    fn()
+    fns = list(fns)
+    for fn in fns:
+        fn()
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
-        for _ in range(iters):
-            fn()
+        for i in range(iters):
+            fns[i % len(fns)]()
         graph = stream.end_capture()
         graph.launch(stream)  # warm-up
         start, stop = cp.cuda.Event(), cp.cuda.Event()
@@ -147,24 +172,31 @@ def time_ms(fn, iters: int = 200) -> float:
     return cp.cuda.get_elapsed_time(start, stop) / iters
 
 
+def l2_bytes() -> int:
+    import cupy as cp
+
+    return int(cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"])
+
+
 def dense_time_ms(k: int, n: int, iters: int = 200) -> float:
-    """cuBLAS fp16 GEMV [1, K] x [K, N] through torch, timed in a CUDA graph like the VQ kernel."""
+    """cuBLAS fp16 GEMV [1, K] x [K, N] through torch, timed in a CUDA graph like the VQ kernel, rotating
+    through weight copies larger than L2 together."""
     import torch
 
+    copies = rotation_count(2 * k * n, l2_bytes())
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    w = torch.randn(k, n, device="cuda", dtype=torch.float16)
+    ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
     out = torch.empty(1, n, device="cuda", dtype=torch.float16)
-    torch.matmul(x, w, out=out)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for w in ws:
             torch.matmul(x, w, out=out)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(iters):
-            torch.matmul(x, w, out=out)
+        for i in range(iters):
+            torch.matmul(x, ws[i % copies], out=out)
     graph.replay()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -180,16 +212,17 @@ def benchmark(mod, rng, shapes, dim=2, bpw=3, group_rows=16, group_cols=256) -> 
     rows = []
     for n, k in shapes:
         packed, books, scales, attrs = random_payload(rng, n, k, dim, bpw, group_rows, group_cols)
-        d_packed, d_books, d_scales = cp.asarray(packed), cp.asarray(books), cp.asarray(scales)
-        x = cp.asarray(rng.standard_normal((1, k)).astype(np.float16))
-        y = cp.empty((1, n), cp.float16)
-        t_vq = time_ms(gemv_launcher(mod, x, d_packed, d_books, d_scales, attrs, y))
-        t_generic = time_ms(gemv_launcher(mod, x, d_packed, d_books, d_scales, attrs, y, generic=True))
-        t_dense = dense_time_ms(k, n)
         vq_bytes = packed.nbytes + books.nbytes + scales.nbytes + 2 * k + 2 * n
         dense_bytes = 2 * n * k + 2 * k + 2 * n
+        copies = rotation_count(packed.nbytes + books.nbytes + scales.nbytes, l2_bytes())
+        x = cp.asarray(rng.standard_normal((1, k)).astype(np.float16))
+        y = cp.empty((1, n), cp.float16)
+        sets = [(cp.asarray(packed), cp.asarray(books), cp.asarray(scales)) for _ in range(copies)]
+        t_vq = time_ms([gemv_launcher(mod, x, *s, attrs, y) for s in sets])
+        t_generic = time_ms([gemv_launcher(mod, x, *s, attrs, y, generic=True) for s in sets])
+        t_dense = dense_time_ms(k, n)
         rows.append({"shape": [n, k], "batch": 1, "vq_ms": t_vq, "vq_generic_ms": t_generic, "dense_fp16_ms": t_dense,
-                     "speedup": t_dense / t_vq, "bytes_ratio": dense_bytes / vq_bytes,
+                     "speedup": t_dense / t_vq, "bytes_ratio": dense_bytes / vq_bytes, "vq_weight_copies": copies,
                      "vq_gbps": vq_bytes / t_vq / 1e6, "dense_gbps": dense_bytes / t_dense / 1e6})
     return rows
 
@@ -208,7 +241,8 @@ def main() -> None:
     device = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     for r in correctness:
         print(("PASS " if r["ok"] else "FAIL ") + json.dumps(r))
-    print(f"device: {device}; VQ 3 bits/weight, dim 2, 16x256 codebook blocks, batch 1")
+    print(f"device: {device}, L2 {l2_bytes() >> 20} MiB; VQ 3 bits/weight, dim 2, 16x256 codebook blocks, batch 1; "
+          f"weights rotated through copies totalling >= {L2_FACTOR}x L2 (not L2-resident)")
     print(f"{'N x K':>12} {'VQ us':>8} {'fp16 us':>8} {'speedup':>8} {'bytes ratio':>11} {'VQ GB/s':>8} {'fp16 GB/s':>9}")
     for r in bench:
         print(f"{r['shape'][0]:>5}x{r['shape'][1]:<6} {1e3 * r['vq_ms']:8.1f} {1e3 * r['dense_fp16_ms']:8.1f} "

@@ -254,7 +254,20 @@ extern "C" __global__ void rwkvq_vq_elementwise_f32(const float* __restrict__ x,
     y[i] = x[i] * codebook[code];
 }
 
-// TensorRT AOT plugin entry points: TensorRT passes (inputs..., extra scalar args..., outputs...).
+// TensorRT AOT plugin entry points: TensorRT passes (inputs..., extra scalar args..., outputs...). Codes and
+// codebooks arrive as INT32 tensors holding the ONNX graph's bytes in packed little-endian words (build-engine
+// repacks them: the ONNX parser would widen UINT8 weights to one INT32 per byte); read here as bytes.
+// Launch geometry: trt_plugins.gemv_launch. Engines whose profile allows one activation row run the decode
+// instance <1, RWKVQ_DECODE_ROWS_PER_WARP> (the one plugins/harness.py benchmarks); 2..8 rows run <8, 1>.
+// build-engine refuses profiles with more than RWKVQ_MAX_BATCH rows: rows past it would not be written.
+extern "C" __global__ void __launch_bounds__(256) rwkvq_trt_vq_gemv_decode(
+    const __half* __restrict__ x, const rq_u8* __restrict__ codes, const rq_i8* __restrict__ books,
+    const float* __restrict__ scales, int B, int N, int K, int dim, int group_rows, int group_cols, int bits,
+    int row_bytes, __half* __restrict__ y) {
+    rwkvq_vq_gemv_smem_impl<1, RWKVQ_DECODE_ROWS_PER_WARP>(x, codes, books, scales, y, B, N, K, dim, group_rows,
+                                                           group_cols, bits, row_bytes);
+}
+
 extern "C" __global__ void __launch_bounds__(256) rwkvq_trt_vq_gemv(
     const __half* __restrict__ x, const rq_u8* __restrict__ codes, const rq_i8* __restrict__ books,
     const float* __restrict__ scales, int B, int N, int K, int dim, int group_rows, int group_cols, int bits,

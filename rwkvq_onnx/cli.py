@@ -106,14 +106,17 @@ def cmd_build_engine(args: argparse.Namespace) -> None:
     from .tensorrt_build import build_engine
 
     sidecar = build_engine(args.model, args.output, fp16=args.fp16, max_batch=args.max_batch, max_seq=args.max_seq,
-                           workspace_mib=args.workspace)
-    print(f"wrote {args.output} and {args.output}.json (TensorRT {sidecar['tensorrt']}, plugins {sidecar['plugins']})")
+                           workspace_mib=args.workspace, timing_cache=args.timing_cache, serving=args.serving)
+    plugins = ", ".join(f"{n} {op}" for op, n in sidecar["plugins"].items()) or "none"
+    print(f"wrote {args.output} and {args.output}.json (TensorRT {sidecar['tensorrt']}; plugins: {plugins}; "
+          f"timing cache {sidecar['timing_cache']})")
 
 
 def cmd_triton_repo(args: argparse.Namespace) -> None:
     from .triton import triton_repo
 
-    folder = triton_repo(args.model, args.output, name=args.name, kind=args.kind, instances=args.instances)
+    folder = triton_repo(args.model, args.output, name=args.name, kind=args.kind, instances=args.instances,
+                         max_batch=args.max_batch, log=print)
     print(f"wrote {folder}/config.pbtxt and {folder}/1/ (serve with: tritonserver --model-repository {args.output})")
 
 
@@ -243,26 +246,43 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("build-engine", help="TensorRT engine (.plan) with the rwkvq plugins (needs a GPU)",
-                       description="Validate and prepare the graph for TensorRT (plugins, fp16 activations for "
-                                   "them), set optimization profiles for token and state shapes, build and "
-                                   "serialize the engine, and write OUT.plan.json. Without TensorRT or a GPU it "
-                                   "stops with one line after validating everything it can.")
+                       description="Validate and prepare the graph for TensorRT (plugins, explicit fp16/int8 types "
+                                   "at their boundary), print the optimization profile, build and serialize the "
+                                   "engine, and write OUT.plan.json. The network is strongly typed: precision is "
+                                   "the graph's. Without TensorRT or a GPU it stops with one line after "
+                                   "validating everything it can.")
     b.add_argument("model", type=Path, help="step graph (recommended) or sequence graph")
     b.add_argument("-o", "--output", type=Path, required=True, help="engine .plan")
-    b.add_argument("--fp16", action="store_true", help="fp16 engine (TensorRT 11: export with --fp16 instead)")
-    b.add_argument("--max-batch", type=int, default=1)
-    b.add_argument("--max-seq", type=int, default=128, help="longest T for a sequence graph")
-    b.add_argument("--workspace", type=int, default=4096, help="builder workspace in MiB")
+    b.add_argument("--fp16", action="store_true",
+                   help="insist on an fp16 engine: accepted only for graphs exported with --fp16, since a "
+                        "strongly typed network takes its precision from the graph (default: off)")
+    b.add_argument("--max-batch", type=int, default=1,
+                   help="largest batch in the optimization profile; the VQ plugin serves at most 8 rows "
+                        "(batch, or batch x tokens for a sequence graph) (default: 1)")
+    b.add_argument("--max-seq", type=int, default=128, help="longest T for a sequence graph (default: 128)")
+    b.add_argument("--workspace", type=int, default=4096, help="builder workspace in MiB (default: 4096)")
+    b.add_argument("--timing-cache", type=Path, default=None,
+                   help="TensorRT timing cache, read if present and updated after the build "
+                        "(default: OUT.timing-cache beside the engine)")
+    b.add_argument("--serving", action="store_true",
+                   help="make the state batch-first ([B, L, ...]) for Triton's sequence batcher, so triton-repo "
+                        "can batch concurrent sequences; step graphs only (default: off, the export's layout)")
     b.set_defaults(func=cmd_build_engine)
 
     t = sub.add_parser("triton-repo", help="Triton model repository (implicit state, sequence batcher)",
-                       description="Write REPO/NAME/config.pbtxt (checked with Triton's own schema) and the model.")
+                       description="Write REPO/NAME/config.pbtxt (checked with Triton's own schema) and the model, "
+                                   "atomically. ONNX models: the step graph with batch-first state, served by the "
+                                   "onnxruntime backend with the native rwkvq op library copied beside it.")
     t.add_argument("model", type=Path, help="engine .plan (with its .plan.json) or .onnx")
     t.add_argument("-o", "--output", type=Path, required=True, help="model repository folder")
-    t.add_argument("--name", default="rwkv")
+    t.add_argument("--name", default="rwkv",
+                   help="model name: one path component of letters, digits, '_', '-', '.' (default: rwkv)")
     t.add_argument("--kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
                    help="instance kind (default: GPU for .plan, CPU for .onnx)")
-    t.add_argument("--instances", type=int, default=1)
+    t.add_argument("--instances", type=int, default=1, help="model instances Triton runs (default: 1)")
+    t.add_argument("--max-batch", type=int, default=8,
+                   help="max_batch_size: sequences batched together by the sequence batcher (oldest strategy) "
+                        "for ONNX models; engines use the max batch they were built with (default: 8)")
     t.set_defaults(func=cmd_triton_repo)
 
     v2 = sub.add_parser("validate", help="compare two models' outputs with Polygraphy",
