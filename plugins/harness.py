@@ -5,7 +5,7 @@
 
 Correctness (random payloads of every supported layout): the VQ GEMV (batch
 1..8), the decode-to-dense kernel (prefill path) and the element-wise op
-against `rwkvq_onnx.ops`. Tolerance: outputs are fp16, so each is allowed
+against the op specs (`rwkvq_onnx.opspec`). Tolerance: outputs are fp16, so each is allowed
 2^-10 of the largest |reference| value (fp16 rounding of the result plus
 fp32 accumulation-order differences); decoded weights must match exactly.
 
