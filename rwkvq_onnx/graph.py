@@ -86,6 +86,8 @@ def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
 
 
 RWKVQ_OPS_KEY = "rwkvq.ops"  # metadata written by quantize: the rwkvq custom ops a graph needs a library for
+# metadata written by export and quantize into both graphs of a sequence/step pair: a digest of their weights
+PAIR_ID_KEY = "rwkvq.pair_id"
 
 
 def rwkvq_ops(model: onnx.ModelProto) -> str:
