@@ -21,7 +21,7 @@ def require_file(path: str | Path, what: str = "file", error: type[RwkvqError] =
     if path.is_dir():
         raise error(f"is a directory, not a {what}", path)
     if not path.is_file():
-        raise error(f"no such {what}", path)
+        raise error("no such file" if what == "file" else f"no such file (expected a {what})", path)
     return path
 
 
