@@ -415,7 +415,8 @@ def export(config: ModelConfig, state_dict: Mapping[str, np.ndarray], out: str |
     if mode in ("sequence", "both"):
         graphs.append((build_graph(config, state_dict, step=False, fp16=fp16), out))
     if mode in ("step", "both"):
-        graphs.append((build_graph(config, state_dict, step=True, fp16=fp16), out if mode == "step" else step_path(out)))
+        target = out if mode == "step" else step_path(out)
+        graphs.append((build_graph(config, state_dict, step=True, fp16=fp16), target))
     return save_pair(graphs)
 
 

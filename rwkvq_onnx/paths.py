@@ -8,7 +8,6 @@ exist, by device and inode.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable
 

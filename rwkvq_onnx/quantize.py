@@ -86,9 +86,9 @@ class QuantizeOptions:
             return VQConfig()  # unused by scalar methods: their --wbits is not a VQ index width
         bits = self.vq_bits or self.wbits
         if not 1 <= bits * self.vq_dim <= 12:
-            raise ConfigError(f"--wbits {bits} with --vq-dim {self.vq_dim} makes VQ indices of {bits * self.vq_dim} "
-                              f"bits; {self.method} allows 1..12 (a codebook of at most 4096 entries): lower --wbits "
-                              f"or --vq-dim")
+            raise ConfigError(f"--wbits {bits} with --vq-dim {self.vq_dim} makes VQ indices of "
+                              f"{bits * self.vq_dim} bits; {self.method} allows 1..12 (a codebook of at most 4096 "
+                              f"entries): lower --wbits or --vq-dim")
         return VQConfig(bits=self.vq_bits or self.wbits, dim=self.vq_dim, kmeans_iters=self.kmeans_iters,
                         seed=self.seed)
 

@@ -77,7 +77,8 @@ def open_session(path: str | Path, threads: int | None = None):
 
 
 def _metadata(session, path: Path) -> tuple[ModelConfig, str, str | None]:
-    """(config, graph kind, pair identity or None) of a session, its inputs and outputs checked against the config."""
+    """(config, graph kind, pair identity or None) of a session; its inputs and outputs are checked against
+    the config."""
     meta = session.get_modelmeta().custom_metadata_map
     if "rwkvq.config" not in meta:
         raise RwkvqError("not an rwkvq-onnx model (no 'rwkvq.config' metadata; export it with `rwkvq-onnx export`)", path)
