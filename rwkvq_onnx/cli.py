@@ -107,8 +107,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> None:
+    from .paths import check_distinct, model_files
     from .tensorrt_build import build_engine
 
+    check_distinct(model_files(args.model), [args.output, Path(f"{args.output}.json")])
     sidecar = build_engine(args.model, args.output, fp16=args.fp16, max_batch=args.max_batch, max_seq=args.max_seq,
                            workspace_mib=args.workspace)
     print(f"wrote {args.output} and {args.output}.json (TensorRT {sidecar['tensorrt']}, plugins {sidecar['plugins']})")
@@ -139,8 +141,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from .paths import check_distinct
     from .report import build_report_html
 
+    check_distinct([args.report], [args.output])
     print(f"wrote {build_report_html(args.report, args.output, histograms=args.histograms)}")
 
 

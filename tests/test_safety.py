@@ -114,6 +114,18 @@ def test_eval_refuses_to_write_its_json_over_the_model(pair, tmp_path, capsys):
     assert _digest(m, step_path(m), text) == before
 
 
+def test_report_and_build_engine_refuse_to_overwrite_their_input(pair, tmp_path, capsys):
+    q = tmp_path / "q.onnx"
+    report = tmp_path / "r.json"
+    assert main(["quantize", str(pair), "-o", str(q), "--method", "rtn", "--report", str(report)]) == 0
+    before = _digest(report, q, step_path(q))
+    _one_line_error(capsys, ["report", str(report), "-o", str(report)], "input")
+    _one_line_error(capsys, ["build-engine", str(step_path(q)), "-o", str(step_path(q))], "input")
+    os.link(q, tmp_path / "linked.plan")
+    _one_line_error(capsys, ["build-engine", str(q), "-o", str(tmp_path / "linked.plan")], "input")
+    assert _digest(report, q, step_path(q)) == before
+
+
 # -- 2. the pair is one unit with one identity ------------------------------------------------------------------
 
 def _pair_ids(path: Path) -> list[str | None]:
