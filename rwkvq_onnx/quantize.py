@@ -73,6 +73,7 @@ class QuantizeOptions:
         if needs_h and not self.calib:
             raise ConfigError(f"--method {self.method} needs calibration data: pass --calib FILE")
         QuantizeEmbeddingHead(self.embedding_bits, self.head_bits, self.head_accuracy_level)  # checks them
+        self.vq_config()  # checks the VQ layout before calibration, not after
 
     def use_elementwise(self) -> bool:
         return self.method == "rwkvquant" if self.elementwise is None else self.elementwise
@@ -85,12 +86,10 @@ class QuantizeOptions:
         if self.method != "rwkvquant" and METHODS[self.method].kind != "vq":
             return VQConfig()  # unused by scalar methods: their --wbits is not a VQ index width
         bits = self.vq_bits or self.wbits
-        if not 1 <= bits * self.vq_dim <= 12:
-            raise ConfigError(f"--wbits {bits} with --vq-dim {self.vq_dim} makes VQ indices of "
-                              f"{bits * self.vq_dim} bits; {self.method} allows 1..12 (a codebook of at most 4096 "
-                              f"entries): lower --wbits or --vq-dim")
-        return VQConfig(bits=self.vq_bits or self.wbits, dim=self.vq_dim, kmeans_iters=self.kmeans_iters,
-                        seed=self.seed)
+        try:
+            return VQConfig(bits=bits, dim=self.vq_dim, kmeans_iters=self.kmeans_iters, seed=self.seed)
+        except ConfigError as exc:  # name the flags that made the VQ layout
+            raise ConfigError(f"--method {self.method} with --wbits {bits} and --vq-dim {self.vq_dim}: {exc}") from None
 
 
 @dataclass
