@@ -1,7 +1,9 @@
 """`rwkvq-onnx` command line: each subcommand parses flags and calls the library.
 
-Every user error (bad checkpoint, bad data, unwritable output...) is an
-`RwkvqError`: printed on one line, exit status 2, nothing half-written.
+Every user error (bad checkpoint, bad data, unwritable output, an output that
+is an input...) is an `RwkvqError`: printed on one line, exit status 2, nothing
+half-written. Any other exception is a bug: one line and exit status 1, the
+traceback with the global `--debug` flag.
 """
 from __future__ import annotations
 
