@@ -197,6 +197,44 @@ def test_a_failed_pair_write_keeps_the_old_pair_and_leaves_no_temporaries(pair, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.step.onnx"]
 
 
+@pytest.mark.slow
+def test_sigkill_while_writing_the_pair_keeps_the_old_pair(pair, tiny_ckpt, tmp_path):
+    """A real SIGKILL once both graphs of the new pair are written, before the commit: the old pair stays whole,
+    and the next run cleans up."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    m = _copy_pair(pair, tmp_path)
+    before = _digest(m, step_path(m))
+    other = tmp_path / "other.pth"  # other weights: the new pair differs from the old one
+    save_checkpoint(synthetic_rwkv7(synthetic_rwkv7_config(2, 64, 256, head_size=32), seed=2), other)
+    slow_writer = ("import sys, time, onnx\n"
+                   "real = onnx.save_model\n"
+                   "def slow(*a, **k):\n"
+                   "    real(*a, **k)\n"
+                   "    time.sleep(30)\n"
+                   "onnx.save_model = slow\n"
+                   "from rwkvq_onnx.cli import main\n"
+                   "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow_writer, "export", str(other), "-o", str(m),
+                             "--mode", "both"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".m*.tmp/m.step.onnx")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the writer never started writing"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _digest(m, step_path(m)) == before
+    assert list(tmp_path.glob(".m*.tmp"))  # SIGKILL cannot be cleaned up after ...
+    assert main(["export", str(tiny_ckpt), "-o", str(m), "--mode", "both"]) == 0
+    assert not list(tmp_path.glob(".m*.tmp"))  # ... the next write to the target sweeps it
+    assert RwkvSession(m).step_session is not None
+
+
 def test_temporaries_of_killed_runs_are_swept(pair, tiny_ckpt, tmp_path):
     dead = os.fork()
     if dead == 0:
