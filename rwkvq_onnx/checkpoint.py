@@ -18,6 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import CheckpointError
+from .paths import require_file
 
 VERSIONS = ("x060", "x070")
 
@@ -233,9 +234,7 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray
     """
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("no such file", path)
+    path = require_file(path, "checkpoint file", CheckpointError)
     if path.stat().st_size == 0:
         raise CheckpointError("empty file, not a checkpoint", path)
     raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)

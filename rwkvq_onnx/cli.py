@@ -1,7 +1,9 @@
 """`rwkvq-onnx` command line: each subcommand parses flags and calls the library.
 
-Every user error (bad checkpoint, bad data, unwritable output...) is an
-`RwkvqError`: printed on one line, exit status 2, nothing half-written.
+Every user error (bad checkpoint, bad data, unwritable output, an output that
+is an input...) is an `RwkvqError`: printed on one line, exit status 2, nothing
+half-written. Any other exception is a bug: one line and exit status 1, the
+traceback with the global `--debug` flag.
 """
 from __future__ import annotations
 
@@ -19,11 +21,10 @@ def _size(path: Path) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .atomic import check_writable
     from .checkpoint import load_checkpoint
-    from .export import export
+    from .export import check_export_paths, export
 
-    check_writable(args.output)
+    check_export_paths(args.checkpoint, args.output, args.mode)
     t0 = time.perf_counter()
     config, sd = load_checkpoint(args.checkpoint)
     print(f"loaded {args.checkpoint}: RWKV {config.version}, {config.n_layer} layers x {config.n_embd}, "
@@ -36,6 +37,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .atomic import write_text
     from .evaluate import evaluate_lambada, evaluate_text, read_documents, results_json
+    from .export import step_path
+    from .paths import check_distinct, model_files
     from .runtime import RwkvSession
     from .tokenizers import get_tokenizer
 
@@ -45,17 +48,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from .atomic import check_writable
 
         check_writable(args.json)
+        check_distinct([*model_files(args.model), *model_files(step_path(args.model)), args.text, args.lambada],
+                       [args.json])
+    # read the data first: a bad file is reported before the model is loaded and run
+    text_docs = read_documents(args.text, args.chunk_len, args.chunk_every)[: args.max_docs] if args.text else None
+    lambada_docs = read_documents(args.lambada)[: args.max_docs] if args.lambada else None
     session = RwkvSession(args.model, threads=args.threads)
     tokenizer = get_tokenizer(args.tokenizer, session.config.vocab_size)
     text = lambada = None
-    if args.text:
-        docs = read_documents(args.text, args.chunk_len, args.chunk_every)[: args.max_docs]
-        text = evaluate_text(session, tokenizer, docs)
+    if text_docs is not None:
+        text = evaluate_text(session, tokenizer, text_docs)
         print(f"text {args.text}: {text.documents} docs, {text.tokens} tokens, perplexity {text.perplexity:.4f}, "
               f"bits-per-byte {text.bits_per_byte:.4f}")
-    if args.lambada:
-        docs = read_documents(args.lambada)[: args.max_docs]
-        lambada = evaluate_lambada(session, tokenizer, docs)
+    if lambada_docs is not None:
+        lambada = evaluate_lambada(session, tokenizer, lambada_docs)
         print(f"lambada {args.lambada}: {lambada.examples} examples, perplexity {lambada.perplexity:.3f}, "
               f"accuracy {lambada.accuracy:.4f}")
     if args.json:
@@ -103,8 +109,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> None:
+    from .paths import check_distinct, model_files
     from .tensorrt_build import build_engine
 
+    check_distinct(model_files(args.model), [args.output, Path(f"{args.output}.json")])
     sidecar = build_engine(args.model, args.output, fp16=args.fp16, max_batch=args.max_batch, max_seq=args.max_seq,
                            workspace_mib=args.workspace, timing_cache=args.timing_cache, serving=args.serving)
     plugins = ", ".join(f"{n} {op}" for op, n in sidecar["plugins"].items()) or "none"
@@ -126,6 +134,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .validate import validate
 
     config = RwkvSession(args.a, use_step_graph=False).config
+    if args.b.suffix != ".plan":  # checked like `a`: a graph that is not what its metadata says is refused here
+        RwkvSession(args.b, use_step_graph=False)
     tokens = get_tokenizer(args.tokenizer, config.vocab_size).encode(args.prompt)[: args.tokens]
     res = validate(args.a, args.b, tokens, args.atol, args.rtol, args.stat)
     for out, err in res.max_abs.items():
@@ -136,8 +146,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from .paths import check_distinct
     from .report import build_report_html
 
+    check_distinct([args.report], [args.output])
     print(f"wrote {build_report_html(args.report, args.output, histograms=args.histograms)}")
 
 
@@ -154,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "generate with onnxruntime, build TensorRT engines and Triton repositories.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an unexpected error instead of its one-line summary "
+                        "(default: off; put it before the command)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     e = sub.add_parser("export", help="checkpoint (.pth/.safetensors) -> ONNX",
@@ -318,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _summary(exc: BaseException) -> str:
+    """`Type: first line of the message` of an exception."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -328,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not the user's input: one line here, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"rwkvq-onnx {args.command}: internal error: {_summary(exc)} (run again with --debug for the "
+              f"traceback and report it)", file=sys.stderr)
+        return 1
     return code or 0
 
 

@@ -1,7 +1,8 @@
 """One exception family for every user-facing failure.
 
 The CLI catches :class:`RwkvqError` once, prints its message on one line and
-exits with status 2; anything else is a bug and keeps its traceback.
+exits with status 2; anything else is a bug: one line with its type and
+message, exit status 1, and the traceback with `rwkvq-onnx --debug`.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CalibrationError
+from .paths import require_file
 from .runtime import RwkvSession
 from .tokenizers import Tokenizer
 
@@ -35,10 +36,8 @@ def read_documents(path: str | Path, chunk_len: int | None = None, chunk_every: 
     cut into chunks of `chunk_len` characters starting every `chunk_every`
     characters (default: back to back).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationError("no such file", path)
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    path = require_file(path, "file", CalibrationError)
+    raw = decode_text(path.read_bytes(), path)
     if path.suffix == ".jsonl":
         docs = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -60,6 +59,18 @@ def read_documents(path: str | Path, chunk_len: int | None = None, chunk_every: 
     if not docs:
         raise CalibrationError("holds no text", path)
     return docs
+
+
+def decode_text(data: bytes, path: str | Path) -> str:
+    """UTF-8 text of a data file; a binary or otherwise non-UTF-8 file is refused before any work on it."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise CalibrationError(f"binary file (NUL byte at offset {nul}), not UTF-8 text or jsonl", path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"not UTF-8 text (invalid byte at offset {exc.start}); pass UTF-8 text or jsonl",
+                               path) from None
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

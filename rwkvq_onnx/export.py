@@ -22,19 +22,22 @@ by rescaling.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_writable
 from .checkpoint import ModelConfig
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .graph_builder import FLOAT, FLOAT16, INT64, OPSET, GraphBuilder, tensor_type
-from .names import CONFIG_KEY, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, is_linear_weight
+from .names import CONFIG_KEY, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, PAIR_ID_KEY, is_linear_weight
+from .paths import check_distinct, require_file
 
 STATE_NAMES = ("state_att_shift", "state_ffn_shift", "state_wkv")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB
@@ -231,13 +234,52 @@ def _channel_mix(c: _Ctx, i: int, x: str, state_ffn: str):
     return g.op("Mul", [rec, c.mm(g.op("Mul", [h, h]), f + "value.weight")]), last
 
 
+Dims = list  # ints for fixed sizes, names ("batch", "tokens") for dynamic ones
+
+
+def io_shapes(config: ModelConfig, step: bool) -> tuple[dict[str, Dims], dict[str, Dims]]:
+    """Input and output shapes of the sequence or step graph of a model: what its config implies."""
+    L = config.n_layer
+    tok_name = "token" if step else "tokens"
+    states = {"state_att_shift": [L, "batch", C], "state_ffn_shift": [L, "batch", C],
+              "state_wkv": [L, "batch", H, N, N]}
+    return ({tok_name: lead, **states},
+            {"logits": lead + [V], **{"new_" + n: d for n, d in states.items()}})
+
+
+def check_io(config: ModelConfig, kind: str, inputs: Mapping[str, Dims], outputs: Mapping[str, Dims],
+             path: str | Path | None = None) -> None:
+    """Refuse a graph whose inputs and outputs are not those its `rwkvq.config` metadata implies.
+
+    Metadata can be copied onto any ONNX model; without this check such a
+    model fails deep inside quantization or onnxruntime. Dynamic dimensions
+    (names or None) match anything; fixed ones must agree.
+    """
+    want_in, want_out = io_shapes(config, kind == "step")
+    for role, want, have in (("input", want_in, inputs), ("output", want_out, outputs)):
+        for name, dims in want.items():
+            if name not in have:
+                raise ConfigError(f"not an rwkvq-onnx {kind} graph: no {role} '{name}' (its 'rwkvq.config' "
+                                  f"metadata does not describe this model)", path)
+            got = list(have[name])
+            if len(got) != len(dims) or any(isinstance(w, int) and isinstance(h, int) and w != h
+                                            for w, h in zip(dims, got)):
+                raise ConfigError(f"{role} '{name}' has shape {got}, but the model's 'rwkvq.config' implies "
+                                  f"{dims}", path)
+
+
+def _value_dims(value: onnx.ValueInfoProto) -> Dims:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in value.type.tensor_type.shape.dim]
+
+
 def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, step: bool = False,
                 fp16: bool = False) -> onnx.ModelProto:
     """Build the sequence (default) or step graph of a model as an in-memory ONNX model."""
     c = _Ctx(GraphBuilder(), config, state_dict, FLOAT16 if fp16 else FLOAT, seq=not step)
     g = c.g
-    L, C, H, N, V = config.n_layer, config.n_embd, config.n_head, config.head_size, config.vocab_size
-    tok_name, lead = ("token", ["batch"]) if step else ("tokens", ["batch", "tokens"])
+    L = config.n_layer
+    tok_name = "token" if step else "tokens"
     x = g.op("Gather", [c.w(EMBEDDING), tok_name], axis=0)
     x = c.layer_norm(c.to_f32(x), "blocks.0.ln0")
     att, ffn, wkv = [], [], []
@@ -261,18 +303,9 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
     for name, parts in zip(STATE_NAMES, (att, ffn, wkv)):
         g.op("Concat", [g.op("Unsqueeze", [p, g.ints([0])]) for p in parts], outputs=["new_" + name], axis=0)
 
-    inputs = [
-        tensor_type(tok_name, INT64, lead),
-        tensor_type("state_att_shift", FLOAT, [L, "batch", C]),
-        tensor_type("state_ffn_shift", FLOAT, [L, "batch", C]),
-        tensor_type("state_wkv", FLOAT, [L, "batch", H, N, N]),
-    ]
-    outputs = [
-        tensor_type("logits", FLOAT, lead + [V]),
-        tensor_type("new_state_att_shift", FLOAT, [L, "batch", C]),
-        tensor_type("new_state_ffn_shift", FLOAT, [L, "batch", C]),
-        tensor_type("new_state_wkv", FLOAT, [L, "batch", H, N, N]),
-    ]
+    in_shapes, out_shapes = io_shapes(config, step)
+    inputs = [tensor_type(n, INT64 if n == tok_name else FLOAT, d) for n, d in in_shapes.items()]
+    outputs = [tensor_type(n, FLOAT, d) for n, d in out_shapes.items()]
     graph = helper.make_graph(g.nodes, f"rwkv_{config.version}_{'step' if step else 'sequence'}",
                               inputs, outputs, initializer=g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
@@ -285,37 +318,116 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write atomically; models too large for one protobuf get external data `NAME.data`."""
-    path = Path(path)
+_BUILDER_CONSTANT = re.compile(r"const_[a-z0-9]+_\d+")  # GraphBuilder.const names: differ between the two graphs
+
+
+def pair_identity(model: onnx.ModelProto) -> str:
+    """A digest of a graph's weights, equal for the sequence and step graphs of one model.
+
+    Both graphs of an export or a quantization hold the same weights under the
+    same names; only the small constants the graph builder adds differ and are
+    left out. A digest (not a random id) keeps identical runs byte-identical.
+    """
+    h = hashlib.sha256()  # hardware-accelerated on current CPUs: about twice blake2b's speed here
+    for t in sorted(model.graph.initializer, key=lambda t: t.name):
+        if _BUILDER_CONSTANT.fullmatch(t.name):
+            continue
+        h.update(f"{t.name}\0{t.data_type}\0{list(t.dims)}\0".encode())
+        h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString())
+    return h.hexdigest()[:32]
+
+
+def _set_pair_id(model: onnx.ModelProto, pair_id: str) -> None:
+    props = {p.key: p.value for p in model.metadata_props}
+    props[PAIR_ID_KEY] = pair_id
+    del model.metadata_props[:]
+    helper.set_model_props(model, props)
+
+
+def _write_model(model: onnx.ModelProto, path: Path) -> None:
     size = sum(len(t.raw_data) for t in model.graph.initializer)
-    with atomic_dir(path) as tmp:
-        if size > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(model, tmp / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(model, tmp / path.name)
-    return path
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, path)
+
+
+def save_pair(graphs: Sequence[tuple[onnx.ModelProto, str | Path]]) -> list[Path]:
+    """Write a sequence graph and its step graph (or one graph) as one unit, stamped with one pair identity.
+
+    The first graph's path is the target. Every file (graphs and external
+    data `NAME.data`) is written into one temporary folder beside it, then
+    renamed into place with the target last (see `atomic.atomic_dir` for the
+    one remaining window); a failure or SIGINT before that leaves the old files
+    and no temporary folder. Both graphs get the identity of the first graph's
+    weights, which `RwkvSession` compares.
+    """
+    paths = [Path(p) for _, p in graphs]
+    if len({p.parent.resolve() for p in paths}) != 1:
+        raise ConfigError("the graphs of a pair must be written to one folder", paths[-1])
+    pair_id = pair_identity(graphs[0][0])
+    with atomic_dir(paths[0]) as tmp:
+        for (model, _), path in zip(graphs, paths):
+            _set_pair_id(model, pair_id)
+            _write_model(model, tmp / path.name)
+    return paths
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write one graph atomically; models too large for one protobuf get external data `NAME.data`."""
+    return save_pair([(model, path)])[0]
+
+
+def output_files(path: str | Path, pair: bool = True) -> list[Path]:
+    """Every file writing a model to `path` can create or replace: the graph(s) and their external data."""
+    graphs = [Path(path), step_path(path)] if pair else [Path(path)]
+    return [f for g in graphs for f in (g, g.with_name(g.name + ".data"))]
+
+
+def check_export_paths(checkpoint: str | Path, out: str | Path, mode: str = "sequence") -> None:
+    """Before loading anything: the checkpoint is a file, the output folder is writable, no output is the input."""
+    require_file(checkpoint, "checkpoint file", CheckpointError)
+    check_writable(out)
+    check_distinct([checkpoint], output_files(out, pair=mode == "both"))
 
 
 def export(config: ModelConfig, state_dict: Mapping[str, np.ndarray], out: str | Path, *,
            mode: str = "sequence", fp16: bool = False) -> list[Path]:
-    """Export to `out` (sequence or step graph), or both to `out` and its `.step.onnx` sibling."""
+    """Export to `out` (sequence or step graph), or both to `out` and its `.step.onnx` sibling as one pair."""
     if mode not in MODES:
         raise ConfigError(f"unknown export mode '{mode}' (choose from {', '.join(MODES)})")
     out = Path(out)
-    written = []
+    graphs = []
     if mode in ("sequence", "both"):
-        written.append(save_model(build_graph(config, state_dict, step=False, fp16=fp16), out))
+        graphs.append((build_graph(config, state_dict, step=False, fp16=fp16), out))
     if mode in ("step", "both"):
         target = out if mode == "step" else step_path(out)
-        written.append(save_model(build_graph(config, state_dict, step=True, fp16=fp16), target))
-    return written
+        graphs.append((build_graph(config, state_dict, step=True, fp16=fp16), target))
+    return save_pair(graphs)
 
 
-def read_config(model: onnx.ModelProto) -> ModelConfig:
-    """The model config an exported graph carries in its metadata."""
+def read_config(model: onnx.ModelProto, path: str | Path | None = None) -> ModelConfig:
+    """The model config an exported graph carries in its metadata, checked against the graph itself.
+
+    The graph's inputs and outputs must be those the config implies, and its
+    weights must be those of `n_layer` blocks (weights keep their checkpoint
+    keys, also when quantized).
+    """
     props = {p.key: p.value for p in model.metadata_props}
     if CONFIG_KEY not in props:
-        raise ConfigError(f"not an rwkvq-onnx export (no '{CONFIG_KEY}' metadata)")
-    return ModelConfig.from_json(props[CONFIG_KEY])
+        raise ConfigError(f"not an rwkvq-onnx export (no '{CONFIG_KEY}' metadata)", path)
+    try:
+        config = ModelConfig.from_json(props[CONFIG_KEY])
+    except Exception as exc:
+        raise ConfigError(f"unreadable '{CONFIG_KEY}' metadata ({type(exc).__name__}: {exc})", path) from None
+    kind = props.get(GRAPH_KEY, "sequence")
+    check_io(config, kind, {v.name: _value_dims(v) for v in model.graph.input},
+             {v.name: _value_dims(v) for v in model.graph.output}, path)
+    names = [t.name for t in model.graph.initializer]
+    last, beyond = f"blocks.{config.n_layer - 1}.", f"blocks.{config.n_layer}."
+    if not any(n.startswith(EMBEDDING) for n in names) or not any(n.startswith(last) for n in names) or any(
+            n.startswith(beyond) for n in names):
+        raise ConfigError(f"not an rwkvq-onnx export: its weights are not those of the {config.n_layer}-layer "
+                          f"model its 'rwkvq.config' metadata describes", path)
+    return config

@@ -1,12 +1,13 @@
 """Text generation: prefill with the sequence graph, decode with the step graph, timed."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, RwkvqError
 from .runtime import RwkvSession
 from .tokenizers import Tokenizer
 
@@ -50,13 +51,20 @@ def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: floa
     return int(rng.choice(len(p), p=p))
 
 
+def check_sampling(max_tokens: int, temperature: float, top_p: float) -> None:
+    """Refuse sampling arguments that cannot make a distribution (NaN and infinities included)."""
+    if max_tokens < 0:
+        raise ConfigError(f"--max-tokens must be >= 0, got {max_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def generate(session: RwkvSession, tokenizer: Tokenizer, prompt: str, max_tokens: int, *,
              greedy: bool = False, temperature: float = 1.0, top_p: float = 0.9, seed: int = 0) -> Generation:
     """Continue `prompt` by `max_tokens` tokens."""
-    if max_tokens < 0:
-        raise ConfigError("--max-tokens must be >= 0")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    check_sampling(max_tokens, temperature, top_p)
     rng = np.random.default_rng(seed)
     prompt_ids = tokenizer.encode(prompt)
     if tokenizer.bos is not None:
@@ -69,6 +77,8 @@ def generate(session: RwkvSession, tokenizer: Tokenizer, prompt: str, max_tokens
     t1 = time.perf_counter()
     out: list[int] = []
     for _ in range(max_tokens):
+        if not np.isfinite(last).all():
+            raise RwkvqError("the model produced non-finite logits (NaN or infinity); it is corrupt", session.path)
         tok = sample_token(last, rng, temperature, top_p, greedy)
         out.append(tok)
         logits, state = session.step(np.asarray([tok]), state)

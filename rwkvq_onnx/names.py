@@ -15,6 +15,7 @@ CONFIG_KEY = "rwkvq.config"  # ModelConfig as JSON, written by export; its prese
 GRAPH_KEY = "rwkvq.graph"  # "sequence" or "step"
 DTYPE_KEY = "rwkvq.dtype"  # "float32" or "float16": the graph's activation dtype
 QUANTIZATION_KEY = "rwkvq.quantization"  # JSON: method, bpw and options, written by quantize
+PAIR_ID_KEY = "rwkvq.pair_id"  # written by export and quantize into both graphs of a pair: a digest of their weights
 OPS_KEY = "rwkvq.ops"  # comma-separated rwkvq op types a graph needs a custom-op library for
 
 # ---- RWKV weight-name tables (checkpoint keys; the exported graphs name their initializers the same) ----

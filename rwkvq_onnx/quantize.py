@@ -20,8 +20,9 @@ from onnx import numpy_helper
 from .atomic import check_writable
 from .calibration import calibration_windows, collect_statistics, find_targets, CalibrationStats
 from .errors import ConfigError
-from .export import read_config, save_model, step_path
+from .export import output_files, read_config, save_pair, step_path
 from .graph import RWKVQ_OPS_KEY, rwkvq_ops
+from .paths import check_distinct, model_files, require_file
 from .passes.base import PassResult, QuantState
 from .passes.pipeline import LoweringOptions, lower_payloads
 from .passes.quantize_elementwise import QuantizeElementwise
@@ -72,6 +73,7 @@ class QuantizeOptions:
         if needs_h and not self.calib:
             raise ConfigError(f"--method {self.method} needs calibration data: pass --calib FILE")
         QuantizeEmbeddingHead(self.embedding_bits, self.head_bits, self.head_accuracy_level)  # checks them
+        self.vq_config()  # checks the VQ layout before calibration, not after
 
     def use_elementwise(self) -> bool:
         return self.method == "rwkvquant" if self.elementwise is None else self.elementwise
@@ -81,8 +83,13 @@ class QuantizeOptions:
         return GPTQConfig(bits=self.wbits, group_size=self.group_size, symmetric=sym)
 
     def vq_config(self) -> VQConfig:
-        return VQConfig(bits=self.vq_bits or self.wbits, dim=self.vq_dim, kmeans_iters=self.kmeans_iters,
-                        seed=self.seed)
+        if self.method != "rwkvquant" and METHODS[self.method].kind != "vq":
+            return VQConfig()  # unused by scalar methods: their --wbits is not a VQ index width
+        bits = self.vq_bits or self.wbits
+        try:
+            return VQConfig(bits=bits, dim=self.vq_dim, kmeans_iters=self.kmeans_iters, seed=self.seed)
+        except ConfigError as exc:  # name the flags that made the VQ layout
+            raise ConfigError(f"--method {self.method} with --wbits {bits} and --vq-dim {self.vq_dim}: {exc}") from None
 
 
 @dataclass
@@ -166,11 +173,11 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
     """Quantize IN.onnx (and its step sibling) into OUT.onnx (and OUT.step.onnx); return the report."""
     opts.validate()
     in_path, out_path = Path(in_path), Path(out_path)
+    require_file(in_path, "ONNX model", ConfigError)
     check_writable(out_path)
     if report_path:
         check_writable(report_path)
-    if not in_path.is_file():
-        raise ConfigError("no such ONNX model", in_path)
+    check_distinct([*model_files(in_path), *model_files(step_path(in_path))], [*output_files(out_path), report_path])
     t0 = time.perf_counter()
     try:
         model = onnx.load(in_path)
@@ -179,7 +186,7 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
     if any(o.domain == "rwkvq" for o in model.opset_import) or any(
             n.op_type in ("DequantizeLinear", "MatMulNBits") for n in model.graph.node):
         raise ConfigError("model is already quantized: quantize the fp export", in_path)
-    config = read_config(model)
+    config = read_config(model, in_path)
     props = {p.key: p.value for p in model.metadata_props}
     if props.get("rwkvq.graph") == "step":
         raise ConfigError("quantize needs the sequence graph (OUT.onnx), not the step graph", in_path)
@@ -224,14 +231,7 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
         onnx.helper.set_model_props(g, {**{p.key: p.value for p in g.metadata_props},
                                         "rwkvq.quantization": json.dumps(meta, sort_keys=True),
                                         RWKVQ_OPS_KEY: rwkvq_ops(g)})
-    written: list[Path] = []
-    try:
-        for g, path in graphs:
-            written.append(save_model(g, path))
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
+    written = save_pair(graphs)
     report = build_report(in_path, out_path, model, state, opts, config, time.perf_counter() - t0)
     if report_path:
         from .atomic import write_text

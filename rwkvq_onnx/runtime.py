@@ -3,6 +3,12 @@
 `RwkvSession` opens a sequence graph (and its `.step.onnx` sibling when
 present, used for one-token decoding) or a step graph alone, and offers
 `forward` (a block of tokens) and `step` (one token) with explicit state.
+
+Loading checks what a model claims against what it is: the graph's inputs and
+outputs must be those its `rwkvq.config` implies, and a sequence graph and its
+step sibling must carry the same pair identity (written by export and
+quantize). Errors onnxruntime raises while running (a custom op refusing its
+input, an index out of range) become one `RwkvqError` naming the model.
 """
 from __future__ import annotations
 
@@ -13,8 +19,9 @@ import numpy as np
 
 from .checkpoint import ModelConfig
 from .errors import ConfigError, RwkvqError
-from .export import step_path
-from .names import CONFIG_KEY, GRAPH_KEY
+from .export import check_io, step_path
+from .names import CONFIG_KEY, GRAPH_KEY, PAIR_ID_KEY
+from .paths import require_file
 
 StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -61,9 +68,7 @@ def open_session(path: str | Path, threads: int | None = None):
     """An onnxruntime CPU session, with a one-line error for a missing or invalid model."""
     import onnxruntime as ort
 
-    path = Path(path)
-    if not path.is_file():
-        raise RwkvqError("no such ONNX model", path)
+    path = require_file(path, "ONNX model")
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -71,12 +76,37 @@ def open_session(path: str | Path, threads: int | None = None):
         raise RwkvqError(f"cannot load ONNX model: {first}", path) from None
 
 
-def _metadata(session, path: Path) -> tuple[ModelConfig, str]:
+def _metadata(session, path: Path) -> tuple[ModelConfig, str, str | None]:
+    """(config, graph kind, pair identity or None) of a session; its inputs and outputs are checked against
+    the config."""
     meta = session.get_modelmeta().custom_metadata_map
     if CONFIG_KEY not in meta:
-        raise RwkvqError(f"not an rwkvq-onnx model (no '{CONFIG_KEY}' metadata; export it with `rwkvq-onnx export`)",
-                         path)
-    return ModelConfig(**json.loads(meta[CONFIG_KEY])), meta.get(GRAPH_KEY, "sequence")
+        raise RwkvqError(f"not an rwkvq-onnx model (no '{CONFIG_KEY}' metadata; export it with `rwkvq-onnx export`)", path)
+    try:
+        config = ModelConfig(**json.loads(meta[CONFIG_KEY]))
+    except Exception as exc:
+        raise RwkvqError(f"unreadable '{CONFIG_KEY}' metadata ({type(exc).__name__}: {exc})", path) from None
+    kind = meta.get(GRAPH_KEY, "sequence")
+    check_io(config, kind, {a.name: a.shape for a in session.get_inputs()},
+             {a.name: a.shape for a in session.get_outputs()}, path)
+    return config, kind, meta.get(PAIR_ID_KEY)
+
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """The exception types onnxruntime raises from `InferenceSession.run`."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+
+
+def run_session(session, path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """`session.run` with onnxruntime's errors as one-line `RwkvqError`s naming the model."""
+    try:
+        return session.run(None, feeds)
+    except _run_errors() as exc:
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise RwkvqError(f"onnxruntime failed running the model: {lines[0] if lines else type(exc).__name__}",
+                         path) from None
 
 
 class RwkvSession:
@@ -85,15 +115,21 @@ class RwkvSession:
     def __init__(self, path: str | Path, threads: int | None = None, use_step_graph: bool = True) -> None:
         self.path = Path(path)
         first = open_session(self.path, threads)
-        self.config, kind = _metadata(first, self.path)
+        self.config, kind, pair_id = _metadata(first, self.path)
         self.sequence = first if kind == "sequence" else None
         self.step_session = first if kind == "step" else None
-        sibling = step_path(self.path)
+        self.step_path = self.path if kind == "step" else step_path(self.path)
+        sibling = self.step_path
         if self.step_session is None and use_step_graph and sibling.is_file():
             self.step_session = open_session(sibling, threads)
-            step_config, step_kind = _metadata(self.step_session, sibling)
+            step_config, step_kind, step_id = _metadata(self.step_session, sibling)
             if step_kind != "step" or step_config != self.config:
                 raise RwkvqError(f"step graph does not match {self.path.name}", sibling)
+            if pair_id and step_id and pair_id != step_id:
+                stale = min((self.path, sibling), key=lambda p: p.stat().st_mtime)
+                raise RwkvqError(f"{sibling.name} and {self.path.name} were not written together (their pair "
+                                 f"identities differ): regenerate the older one, {stale}, with the command that "
+                                 f"wrote the other (export --mode both, or quantize)", sibling)
 
     def zero_state(self, batch: int = 1) -> StateArrays:
         c = self.config
@@ -117,7 +153,7 @@ class RwkvSession:
                 logits, state = self.step(tokens[:, t], state)
                 outs.append(logits)
             return np.stack(outs, axis=1), state
-        logits, *new = self.sequence.run(None, {"tokens": tokens, **self._feeds(state)})
+        logits, *new = run_session(self.sequence, self.path, {"tokens": tokens, **self._feeds(state)})
         return logits, tuple(new)
 
     def step(self, token: np.ndarray, state: StateArrays | None = None) -> tuple[np.ndarray, StateArrays]:
@@ -127,5 +163,5 @@ class RwkvSession:
         if self.step_session is None:
             logits, new = self.forward(token[:, None], state)
             return logits[:, 0], new
-        logits, *new = self.step_session.run(None, {"token": token, **self._feeds(state)})
+        logits, *new = run_session(self.step_session, self.step_path, {"token": token, **self._feeds(state)})
         return logits, tuple(new)
