@@ -239,8 +239,8 @@ Dims = list  # ints for fixed sizes, names ("batch", "tokens") for dynamic ones
 
 def io_shapes(config: ModelConfig, step: bool) -> tuple[dict[str, Dims], dict[str, Dims]]:
     """Input and output shapes of the sequence or step graph of a model: what its config implies."""
-    L = config.n_layer
-    tok_name = "token" if step else "tokens"
+    L, C, H, N, V = config.n_layer, config.n_embd, config.n_head, config.head_size, config.vocab_size
+    tok_name, lead = ("token", ["batch"]) if step else ("tokens", ["batch", "tokens"])
     states = {"state_att_shift": [L, "batch", C], "state_ffn_shift": [L, "batch", C],
               "state_wkv": [L, "batch", H, N, N]}
     return ({tok_name: lead, **states},
