@@ -6,15 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .evaluate import evaluate_text
-from .export import export
-from .generate import generate
-from .reference import RwkvReference
-from .runtime import RwkvSession
-from .synthetic import synthetic_rwkv7, synthetic_rwkv7_config
-from .tokenizers import ByteTokenizer
-
 
 def sample_text() -> str:
     """A short built-in English text (the demo's evaluation data)."""
@@ -23,6 +14,16 @@ def sample_text() -> str:
 
 def run_demo(out: Path, n_layer: int = 4, n_embd: int = 128, seed: int = 0) -> dict:
     """export -> check -> eval -> generate -> quantize -> eval -> generate; prints each step, returns the numbers."""
+    # Imported here: `sample_text` is also used by `validate`, which must not pay for torch.
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .evaluate import evaluate_text
+    from .export import export
+    from .generate import generate
+    from .reference import RwkvReference
+    from .runtime import RwkvSession
+    from .synthetic import synthetic_rwkv7, synthetic_rwkv7_config
+    from .tokenizers import ByteTokenizer
+
     out.mkdir(parents=True, exist_ok=True)
     config = synthetic_rwkv7_config(n_layer, n_embd, vocab_size=256)
     ckpt = out / "synthetic-rwkv7.pth"
