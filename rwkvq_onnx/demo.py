@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import methods_text
 from .tokenizers import ByteTokenizer
 
 NEXT_COMMANDS = (
@@ -35,12 +36,6 @@ class ReadableByteTokenizer(ByteTokenizer):
 
     def decode(self, tokens: list[int]) -> str:
         return readable_text(bytes(t & 0xFF for t in tokens))
-
-
-def methods_text(methods: dict[str, int]) -> str:
-    """{'gptvq': 54, 'gptq': 4} -> 'GPTVQ 54 tensors, GPTQ 4 tensors' (for people, not Python)."""
-    return ", ".join(f"{name.upper()} {count} tensor{'s' if count != 1 else ''}"
-                     for name, count in sorted(methods.items(), key=lambda kv: -kv[1])) or "none"
 
 
 def sample_text() -> str:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from rwkvq_onnx.cli import main
-from rwkvq_onnx.demo import NEXT_COMMANDS, methods_text, readable_text
+from rwkvq_onnx.demo import NEXT_COMMANDS, readable_text
+from rwkvq_onnx.report import methods_text
 
 
 def test_readable_text_escapes_what_a_terminal_cannot_show():
