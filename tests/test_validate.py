@@ -147,3 +147,14 @@ def test_polygraphy_cli_runs_with_the_data_loader_script(models, graph):
     assert "'colored' module is not installed" not in run.stdout + run.stderr
     iterations = (run.stdout + run.stderr).count("[I] Iteration: ")
     assert iterations == (1 if graph == "sequence" else 3)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    assert main(["validate", str(tmp_path / "none.onnx"), str(tmp_path / "q.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "none.onnx" in err
+    monkeypatch.delenv("RWKVQ_MODEL", raising=False)
+    with pytest.raises(RwkvqError, match="RWKVQ_MODEL"):
+        next(polygraphy_data.load_data())
+    with pytest.raises(RwkvqError, match="RWKVQ_STATE"):
+        polygraphy_data.feeds(str(tmp_path / "none.onnx"), state="ones")
