@@ -99,7 +99,11 @@ def model_info(path: str | Path) -> ModelInfo:
         sidecar = Path(str(path) + ".json")
         if not sidecar.is_file():
             raise RwkvqError(f"no {sidecar.name} beside the engine (written by `rwkvq-onnx build-engine`)", path)
-        onnx_path = Path(json.loads(sidecar.read_text())["onnx"])
+        try:
+            onnx_path = Path(json.loads(sidecar.read_text())["onnx"])
+        except (ValueError, KeyError, TypeError):
+            raise RwkvqError(f"{sidecar.name} does not name the engine's source model (an 'onnx' field)",
+                             path) from None
         if not onnx_path.is_file():
             raise RwkvqError(f"the engine's source model {onnx_path} (named in {sidecar.name}) is missing", path)
     meta = _onnx_metadata(onnx_path)

@@ -111,6 +111,9 @@ def test_plan_is_loaded_without_registering_plugins(models, tmp_path, monkeypatc
     plan.write_bytes(b"engine bytes")
     with pytest.raises(RwkvqError, match="m.plan.json"):
         model_info(plan)
+    Path(str(plan) + ".json").write_text("{}")
+    with pytest.raises(RwkvqError, match="'onnx' field"):
+        model_info(plan)
     Path(str(plan) + ".json").write_text(json.dumps({"onnx": str(fp)}))
     assert model_info(plan).config == model_info(fp).config
     from rwkvq_onnx.plugins import trt_plugins
