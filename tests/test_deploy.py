@@ -40,6 +40,7 @@ def quantized(tiny_ckpt, tmp_path_factory):
     return fp, q, calib
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("sm", ["80", "90"])
 def test_kernels_compile_with_nvcc(tmp_path, sm):
