@@ -14,6 +14,12 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, RwkvqError
+from .evaluate import DEFAULT_CHUNK_CHARS
+from .validate import MAX_MEAN_KL, MIN_TOP1, SAME_ATOL, SAME_RTOL
+
+
+TOKENIZER_HELP = ("'bytes', 'world', a tokenizer.json path, or auto (default): by vocab size, 256 -> bytes, "
+                  "65536 -> world")
 
 
 def _size(path: Path) -> str:
@@ -36,7 +42,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .atomic import write_text
-    from .evaluate import evaluate_lambada, evaluate_text, read_documents, results_json
+    from .evaluate import evaluate_lambada, evaluate_text, format_perplexity, read_documents, results_json
     from .export import step_path
     from .paths import check_distinct, model_files
     from .runtime import RwkvSession
@@ -44,6 +50,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if not args.text and not args.lambada:
         raise ConfigError("eval needs --text FILE and/or --lambada FILE")
+    if args.chunk_len < 0 or (args.chunk_every is not None and args.chunk_every < 1):
+        raise ConfigError("--chunk-len must be >= 0 and --chunk-every >= 1")
     if args.json:
         from .atomic import check_writable
 
@@ -51,21 +59,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
         check_distinct([*model_files(args.model), *model_files(step_path(args.model)), args.text, args.lambada],
                        [args.json])
     # read the data first: a bad file is reported before the model is loaded and run
-    text_docs = read_documents(args.text, args.chunk_len, args.chunk_every)[: args.max_docs] if args.text else None
+    text_docs = (read_documents(args.text, args.chunk_len or None, args.chunk_every)[: args.max_docs]
+                 if args.text else None)
     lambada_docs = read_documents(args.lambada)[: args.max_docs] if args.lambada else None
     session = RwkvSession(args.model, threads=args.threads)
     tokenizer = get_tokenizer(args.tokenizer, session.config.vocab_size)
     text = lambada = None
+    chunking = {"chunk_len": args.chunk_len or None, "chunk_every": args.chunk_every}
     if text_docs is not None:
+        if args.text.suffix != ".jsonl" and args.chunk_len:
+            every = f" every {args.chunk_every}" if args.chunk_every else ""
+            print(f"text {args.text}: {len(text_docs)} chunk(s) of {args.chunk_len} characters{every}, each from "
+                  f"the zero state (--chunk-len 0: the whole file as one document)")
         text = evaluate_text(session, tokenizer, text_docs)
-        print(f"text {args.text}: {text.documents} docs, {text.tokens} tokens, perplexity {text.perplexity:.4f}, "
-              f"bits-per-byte {text.bits_per_byte:.4f}")
+        print(f"text {args.text}: {text.documents} docs, {text.tokens} tokens, perplexity "
+              f"{format_perplexity(text.perplexity)}, bits-per-byte {text.bits_per_byte:.4f}")
     if lambada_docs is not None:
         lambada = evaluate_lambada(session, tokenizer, lambada_docs)
-        print(f"lambada {args.lambada}: {lambada.examples} examples, perplexity {lambada.perplexity:.3f}, "
-              f"accuracy {lambada.accuracy:.4f}")
+        print(f"lambada {args.lambada}: {lambada.examples} examples, perplexity "
+              f"{format_perplexity(lambada.perplexity)}, accuracy {lambada.accuracy:.4f}")
     if args.json:
-        write_text(args.json, results_json(args.model, text, lambada, tokenizer=tokenizer.name) + "\n")
+        write_text(args.json, results_json(args.model, text, lambada, tokenizer=tokenizer.name,
+                                           text_chunking=chunking if args.text else None) + "\n")
         print(f"wrote {args.json}")
 
 
@@ -129,19 +144,30 @@ def cmd_triton_repo(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .tokenizers import get_tokenizer
+    from .demo import sample_text
     from .runtime import RwkvSession
-    from .validate import validate
+    from .tokenizers import get_tokenizer
+    from .validate import (AGREEMENT, AUTO, agreement_lines, choose_mode, compare_agreement, model_info,
+                           same_weights_lines, validate)
 
-    config = RwkvSession(args.a, use_step_graph=False).config
-    if args.b.suffix != ".plan":  # checked like `a`: a graph that is not what its metadata says is refused here
-        RwkvSession(args.b, use_step_graph=False)
-    tokens = get_tokenizer(args.tokenizer, config.vocab_size).encode(args.prompt)[: args.tokens]
-    res = validate(args.a, args.b, tokens, args.atol, args.rtol, args.stat)
-    for out, err in res.max_abs.items():
-        print(f"{out}: max |a-b| {err:.3e}, mean {res.mean_abs[out]:.3e}")
-    print(f"{'PASSED' if res.passed else 'FAILED'}: {res.feeds} feed(s), atol {args.atol}, rtol {args.rtol}, "
-          f"error statistic {args.stat}")
+    info_a, info_b = model_info(args.a), model_info(args.b)
+    for path in (args.a, args.b):  # a graph that is not what its metadata says is refused here
+        if path.suffix != ".plan":
+            RwkvSession(path, use_step_graph=False)
+    mode = choose_mode(info_a, info_b) if args.mode == AUTO else args.mode
+    why = "forced by --mode" if args.mode != AUTO else (
+        "the models are quantized differently (rwkvq.quantization metadata)" if mode == AGREEMENT
+        else "both models carry the same weights (same rwkvq.quantization metadata)")
+    prompt = sample_text() if args.prompt is None else args.prompt
+    tokens = get_tokenizer(args.tokenizer, info_a.config.vocab_size).encode(prompt)[: args.tokens]
+    print(f"validate {args.a} (a) vs {args.b} (b): mode {mode}, {why}; {len(tokens)} prompt tokens")
+    if mode == AGREEMENT:
+        res = compare_agreement(args.a, args.b, tokens, max_mean_kl=args.max_kl, min_top1=args.min_top1)
+        lines = agreement_lines(res)
+    else:
+        res = validate(args.a, args.b, tokens, args.atol, args.rtol, args.stat, args.state_atol, args.state_rtol)
+        lines = same_weights_lines(res, args.stat)
+    print("\n".join(lines))
     return 0 if res.passed else 1
 
 
@@ -177,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", type=Path, help="BlinkDL .pth or .safetensors checkpoint (fp32/fp16/bf16)")
     e.add_argument("-o", "--output", type=Path, required=True, help="output .onnx path")
     e.add_argument("--fp16", action="store_true",
-                   help="fp16 weights and matmuls (state, norms, decays and the WKV recurrence stay fp32)")
+                   help="fp16 weights and matmuls (state, norms, decays and the WKV recurrence stay fp32); "
+                        "default: fp32")
     e.add_argument("--mode", choices=("sequence", "step", "both"), default="sequence",
                    help="sequence: tokens [B,T] with a Scan over T (default; also decodes with T=1); "
                         "step: loop-free one-token graph for TensorRT; both: OUT.onnx and OUT.step.onnx")
@@ -186,31 +213,42 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("model", type=Path, help="exported .onnx (its .step.onnx sibling is used for decoding)")
         q.add_argument("--tokenizer", default="auto",
-                       help="'bytes', 'world' or a tokenizer.json path (default: by vocab size: 256 bytes, 65536 world)")
+                       help=TOKENIZER_HELP)
         q.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
 
     v = sub.add_parser("eval", help="perplexity / bits-per-byte / LAMBADA accuracy",
                        description="Evaluate an exported model: perplexity and bits-per-byte on a text or jsonl "
                                    "file, LAMBADA last-word perplexity and greedy accuracy.")
     model_args(v)
-    v.add_argument("--text", type=Path, help="plain text or jsonl ({\"text\": ...} per line)")
-    v.add_argument("--lambada", type=Path, help="LAMBADA jsonl ({\"text\": ...} per line; target = last word)")
-    v.add_argument("--json", type=Path, help="write the results as JSON")
-    v.add_argument("--max-docs", type=int, default=None, help="evaluate only the first N documents / examples")
-    v.add_argument("--chunk-len", type=int, default=None,
-                   help="cut a plain text file into chunks of this many characters, each run from the zero state")
-    v.add_argument("--chunk-every", type=int, default=None, help="start a chunk every N characters (default: chunk-len)")
+    v.add_argument("--text", type=Path,
+                   help="plain text (cut into chunks, see --chunk-len) or jsonl ({\"text\": ...} per line, one "
+                        "document each); default: none")
+    v.add_argument("--lambada", type=Path,
+                   help="LAMBADA jsonl ({\"text\": ...} per line; target = last word); default: none")
+    v.add_argument("--json", type=Path, help="also write the results to this JSON file (default: print only)")
+    v.add_argument("--max-docs", type=int, default=None,
+                   help="evaluate only the first N documents / chunks / examples (default: all)")
+    v.add_argument("--chunk-len", type=int, default=DEFAULT_CHUNK_CHARS,
+                   help=f"cut a plain text file into chunks of this many characters, each run from the zero "
+                        f"state (default {DEFAULT_CHUNK_CHARS}; 0: the whole file as one document); jsonl "
+                        f"documents are never cut")
+    v.add_argument("--chunk-every", type=int, default=None,
+                   help="start a chunk every N characters, skipping the text between chunks (default: back to "
+                        "back, the last shorter chunk included)")
     v.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text; prints prefill and decode tokens/s",
                        description="Prefill the prompt with the sequence graph, decode with the step graph.")
     model_args(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", required=True, help="text to continue (required; no default)")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate after the prompt (default 64)")
+    g.add_argument("--greedy", action="store_true",
+                   help="always take the most likely token (default: sample with --temperature and --top-p)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="divide logits by this before sampling; lower is more conservative (default 1.0)")
+    g.add_argument("--top-p", type=float, default=0.9,
+                   help="sample only from the most likely tokens whose probabilities sum to this (default 0.9)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default 0)")
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quantize", help="quantize an exported model (RWKVQuant or a baseline method)",
@@ -221,30 +259,38 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", type=Path, help="fp sequence graph from `rwkvq-onnx export`")
     q.add_argument("-o", "--output", type=Path, required=True, help="quantized .onnx")
     q.add_argument("--method", default="rwkvquant", choices=("rwkvquant", "gptq", "gptvq", "rtn", "kmeans", "awq"),
-                   help="rwkvquant: proxy-chosen GPTQ or GPTVQ per weight + element-wise codebooks (default)")
+                   help="rwkvquant (default): proxy-chosen GPTQ or GPTVQ per weight + element-wise codebooks; "
+                        "gptq, gptvq, rtn, kmeans, awq: baselines")
     q.add_argument("--bpw", type=float, default=None,
                    help="bits-per-weight target over the linear weights (e.g. 3.275); rwkvquant meets it by "
-                        "ranking weights by the proxy, baselines by their group/codebook sizes")
+                        "ranking weights by the proxy, baselines by their group/codebook sizes (default: none, "
+                        "each method's --wbits / --group-size / --vq-dim decide)")
     q.add_argument("--wbits", type=int, default=3, help="bits per weight of codes (default 3)")
-    q.add_argument("--group-size", type=int, default=64, help="scalar group size along K (0 = per channel)")
+    q.add_argument("--group-size", type=int, default=64, help="scalar group size along K (0 = per channel; default 64)")
     q.add_argument("--sym", choices=("sym", "asym"), default=None,
                    help="scalar zero points (default: sym for rwkvquant, asym for baselines)")
-    q.add_argument("--vq-dim", type=int, default=2, help="weights per codebook index (1, 2 or 4)")
-    q.add_argument("--tau-c", type=float, default=1.5, help="coarse proxy threshold (paper: 1.5)")
-    q.add_argument("--tau-f", type=float, default=50.0, help="fine proxy threshold (paper: 50)")
-    q.add_argument("--calib", type=Path, help="calibration text or jsonl ({\"text\": ...} per line)")
+    q.add_argument("--vq-dim", type=int, default=2, help="weights per codebook index (1, 2 or 4; default 2)")
+    q.add_argument("--tau-c", type=float, default=1.5, help="coarse proxy threshold tau_c (default 1.5, the paper's)")
+    q.add_argument("--tau-f", type=float, default=50.0, help="fine proxy threshold tau_f (default 50, the paper's)")
+    q.add_argument("--calib", type=Path,
+                   help="calibration text or jsonl ({\"text\": ...} per line) (default: none, weights are "
+                        "quantized without activation statistics)")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and k-means (default 0)")
     q.add_argument("--sequential", action="store_true",
-                   help="re-calibrate each block after the blocks before it are quantized (slower, as GPTQ)")
+                   help="re-calibrate each block after the blocks before it are quantized (slower, as GPTQ; "
+                        "default: calibrate once)")
     q.add_argument("--elementwise", choices=("on", "off"), default=None,
                    help="activation-weighted codebooks for element-wise vectors (default: on for rwkvquant)")
-    q.add_argument("--elementwise-bits", type=int, default=4)
-    q.add_argument("--fold-elementwise", action="store_true", help="store decoded element-wise vectors as constants")
+    q.add_argument("--elementwise-bits", type=int, default=4,
+                   help="bits per index of the element-wise vectors' codebooks (default 4)")
+    q.add_argument("--fold-elementwise", action="store_true",
+                   help="store decoded element-wise vectors as constants (default: rwkvq.VQElementwise ops)")
     q.add_argument("--sq-format", choices=("qdq", "matmulnbits"), default="qdq",
                    help="scalar weights as DequantizeLinear+MatMul (default) or com.microsoft.MatMulNBits")
-    q.add_argument("--lower-vq", action="store_true", help="rewrite rwkvq ops into standard ONNX ops")
+    q.add_argument("--lower-vq", action="store_true",
+                   help="rewrite rwkvq ops into standard ONNX ops, runnable anywhere (default: keep the rwkvq ops)")
     q.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
                    help="store the embedding as int8 rows with one scale each (default: full precision)")
     q.add_argument("--head-bits", type=int, choices=(4, 8), default=None,
@@ -253,11 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--head-accuracy-level", type=int, choices=(0, 4), default=4,
                    help="MatMulNBits accuracy_level of the head: 4 (default) quantizes its input to int8 per "
                         "block, onnxruntime's fast CPU path; 0 computes in float (several times slower)")
-    q.add_argument("--kmeans-iters", type=int, default=25)
+    q.add_argument("--kmeans-iters", type=int, default=25,
+                   help="k-means iterations per codebook (default 25)")
     q.add_argument("--ranking", choices=("proxy", "variance", "range", "mse"), default="proxy",
-                   help="rwkvquant ablations: order weights for VQ by another criterion (needs --bpw)")
-    q.add_argument("--tokenizer", default="auto", help="as for eval")
-    q.add_argument("--report", type=Path, help="write the per-tensor JSON report here")
+                   help="rwkvquant ablations: order weights for VQ by another criterion (needs --bpw; default proxy)")
+    q.add_argument("--tokenizer", default="auto",
+                   help=TOKENIZER_HELP)
+    q.add_argument("--report", type=Path, help="write the per-tensor JSON report here (default: none)")
     q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("build-engine", help="TensorRT engine (.plan) with the rwkvq plugins (needs a GPU)",
@@ -300,25 +348,52 @@ def build_parser() -> argparse.ArgumentParser:
                         "for ONNX models; engines use the max batch they were built with (default: 8)")
     t.set_defaults(func=cmd_triton_repo)
 
-    v2 = sub.add_parser("validate", help="compare two models' outputs with Polygraphy",
-                        description="Feed both models the same tokens and states (onnxruntime with the rwkvq ops, "
-                                    "or TensorRT for .plan) and compare logits and states. Exit 1 when outside "
-                                    "tolerance.")
+    v2 = sub.add_parser(
+        "validate", help="check model b against model a (same weights: tolerances; fp vs quantized: agreement)",
+        description="Run both models on a prompt and check b against a; exit 0 when it passes, 1 when it fails, "
+                    "2 on bad input. Two questions, chosen from the models' rwkvq.quantization metadata: SAME "
+                    "weights (a graph and its lowering, an ONNX model and its TensorRT .plan): every output within "
+                    "tolerance on the same inputs, through Polygraphy's Comparator; AGREEMENT (fp vs quantized, "
+                    "or two different quantizations): each model runs the prompt on its own state, and b passes "
+                    "when mean KL(a||b) per token and top-1 agreement are within limits; the table also shows "
+                    "max KL, the logit error relative to the logit range and the state's relative error.")
     v2.add_argument("a", type=Path, help="reference model (.onnx)")
-    v2.add_argument("b", type=Path, help="model to check (.onnx or .plan)")
-    v2.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.")
-    v2.add_argument("--tokens", type=int, default=16, help="tokens of the prompt to feed")
-    v2.add_argument("--atol", type=float, default=1e-4)
-    v2.add_argument("--rtol", type=float, default=1e-4)
-    v2.add_argument("--stat", choices=("max", "mean", "median"), default="max", help="error statistic checked")
-    v2.add_argument("--tokenizer", default="auto")
+    v2.add_argument("b", type=Path, help="model to check (.onnx, or a TensorRT .plan with its .plan.json)")
+    v2.add_argument("--mode", choices=("auto", "same", "agreement"), default="auto",
+                    help="auto (default): agreement when exactly one model is quantized or the two are quantized "
+                         "differently, same otherwise; same / agreement force the question")
+    v2.add_argument("--prompt", default=None,
+                    help="text fed to both models (default: the built-in English sample text)")
+    v2.add_argument("--tokens", type=int, default=128,
+                    help="feed at most this many tokens of the prompt (default 128)")
+    v2.add_argument("--atol", type=float, default=SAME_ATOL,
+                    help=f"same weights: absolute tolerance on logits (default {SAME_ATOL:g}, the README's fp32 "
+                         "numerics bound)")
+    v2.add_argument("--rtol", type=float, default=SAME_RTOL,
+                    help=f"same weights: relative tolerance on logits (default {SAME_RTOL:g}); an output passes "
+                         "within atol or within rtol")
+    v2.add_argument("--state-atol", type=float, default=None,
+                    help="same weights: absolute tolerance on the new_state_* outputs (default: --atol)")
+    v2.add_argument("--state-rtol", type=float, default=None,
+                    help="same weights: relative tolerance on the new_state_* outputs (default: --rtol)")
+    v2.add_argument("--stat", choices=("max", "mean", "median"), default="max",
+                    help="same weights: error statistic checked against the tolerances (default max)")
+    v2.add_argument("--max-kl", type=float, default=MAX_MEAN_KL,
+                    help=f"agreement: largest mean KL(a||b) per token, in nats, that passes (default {MAX_MEAN_KL:g})")
+    v2.add_argument("--min-top1", type=float, default=MIN_TOP1,
+                    help=f"agreement: smallest share of tokens whose most likely next token agrees that passes "
+                         f"(default {MIN_TOP1:g})")
+    v2.add_argument("--tokenizer", default="auto",
+                    help=TOKENIZER_HELP)
     v2.set_defaults(func=cmd_validate)
 
     r = sub.add_parser("report", help="HTML page: proxies vs thresholds, SQ/VQ map, histograms, errors",
                        description="Render the JSON report of `quantize --report` as one self-contained HTML page.")
     r.add_argument("report", type=Path, help="JSON written by quantize --report")
     r.add_argument("-o", "--output", type=Path, required=True, help="report .html")
-    r.add_argument("--histograms", type=int, default=2, help="weights shown per side (most / least uniform)")
+    r.add_argument("--histograms", type=int, default=2,
+                   help="weight histograms shown per side: the N most and the N least uniform weights by the "
+                        "coarse proxy (default 2)")
     r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="end to end on a built-in synthetic RWKV-7 (no download)",
@@ -326,9 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "evaluate it, generate from it, then quantize it with RWKVQuant and evaluate "
                                    "the quantized model.")
     d.add_argument("--out", default="rwkvq-demo", help="folder for the demo's files (default: ./rwkvq-demo)")
-    d.add_argument("--layers", type=int, default=4)
-    d.add_argument("--embd", type=int, default=128)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--layers", type=int, default=4, help="layers of the synthetic model (default 4)")
+    d.add_argument("--embd", type=int, default=128,
+                   help="embedding width of the synthetic model, a multiple of 64 (default 128)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights (default 0)")
     d.set_defaults(func=cmd_demo)
     return p
 

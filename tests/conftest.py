@@ -1,4 +1,9 @@
-"""Shared test fixtures. Tests that need ../shared skip cleanly when it is absent."""
+"""Shared test fixtures and the two test tiers. Tests that need ../shared skip cleanly when it is absent.
+
+Tiers: plain `pytest` is the fast tier; it skips tests marked `slow` and says so in its summary (`-rs` is in
+the default options). `pytest --full` runs everything (what `.ci/run` and the README's test command run);
+an explicit `-m EXPR` selects by itself and skips nothing for being slow.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,6 +26,23 @@ FIXTURE_MODELS = ["tiny-rwkv7-834K", "tiny-rwkv6-1m"]
 # step modes to 1e-5; float32 summation-order differences over 12 layers stay
 # well inside 1e-4 absolute on logits of magnitude ~20.
 FP32_ATOL = 1e-4
+
+
+SLOW_REASON = "slow tier: `python -m pytest --full` runs it (as .ci/run does)"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full", action="store_true", default=False,
+                     help="run the full suite, slow tests included (default: the fast tier, slow tests skipped)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--full") or config.getoption("markexpr"):
+        return
+    skip_slow = pytest.mark.skip(reason=SLOW_REASON)
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
 
 
 def shared_file(*parts: str) -> Path:

@@ -118,6 +118,7 @@ def test_native_ops_reject_a_bad_input_shape():
         sess.run(None, {"x": np.zeros((1, 1, 65), np.float32)})
 
 
+@pytest.mark.slow
 def test_report_html_shows_the_decisions(tmp_path, tiny_ckpt):
     pytest.importorskip("matplotlib")
     calib = tmp_path / "calib.txt"
@@ -139,6 +140,7 @@ def test_report_html_shows_the_decisions(tmp_path, tiny_ckpt):
     assert main(["report", str(bad), "-o", str(tmp_path / "x.html")]) == 2
 
 
+@pytest.mark.slow
 def test_quality_table_tool_runs_on_a_tiny_model(tmp_path, tiny_ckpt):
     calib, val = tmp_path / "calib.txt", tmp_path / "val.txt"
     rng = np.random.default_rng(0)
@@ -162,6 +164,7 @@ def test_quality_table_tool_runs_on_a_tiny_model(tmp_path, tiny_ckpt):
     assert same.returncode != 0 and "refusing" in same.stderr + same.stdout
 
 
+@pytest.mark.slow
 def test_bench_tool_reports_per_round_ratios_on_the_tiny_shape(tmp_path):
     """tools/bench.py end to end on the tiny shape: fresh processes per variant and round, ratios to fp32."""
     cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--variants", "fp32,rwkvquant,rwkvquant-eh4",

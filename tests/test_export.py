@@ -89,6 +89,7 @@ def test_onnxruntime_reproduces_golden_logits(exported):
     np.testing.assert_allclose(out[0, -1], expected, atol=FP32_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_state_carries_and_batches_are_independent(exported):
     path, config, sd, golden, _ = exported
     sess = RwkvSession(path)

@@ -65,6 +65,7 @@ def test_gptvq_beats_kmeans_vq(h256, bits, dim):
     assert e_gptvq < 0.9 * e_km, (e_gptvq, e_km)
 
 
+@pytest.mark.slow
 def test_vq_wins_on_clustered_and_sq_wins_on_uniform_at_equal_bpw(h512):
     """The effect RWKVQuant builds on.
 

@@ -51,6 +51,7 @@ def _q(fp, out, **kw):
     return quantize_model(fp, out, opts, out.with_suffix(".json"), log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_rwkvquant_end_to_end_meets_bpw_and_evaluates(fixture_export, tmp_path):
     name, fp = fixture_export
     out = tmp_path / "q.onnx"
