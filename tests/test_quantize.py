@@ -101,6 +101,7 @@ def test_every_method_tracks_fp_logits_at_4_bits(fixture_export, tmp_path, metho
     assert 0 < kl <= bound, (method, kl)
 
 
+@pytest.mark.slow
 def test_report_bpw_matches_stored_bytes(fixture_export, tmp_path):
     name, fp = fixture_export
     for method, fmt in (("gptvq", "qdq"), ("gptq", "qdq"), ("gptq", "matmulnbits")):
@@ -145,6 +146,7 @@ def test_report_bpw_matches_stored_bytes(fixture_export, tmp_path):
             assert totals["quantized_weights_ratio_to_fp16"] <= (totals["bpw"] + 0.6) / 16
 
 
+@pytest.mark.slow
 def test_lowered_graph_runs_without_custom_ops_and_matches(fixture_export, tmp_path):
     name, fp = fixture_export
     custom, lowered = tmp_path / "c.onnx", tmp_path / "l.onnx"
@@ -250,6 +252,7 @@ def test_rewrite_scalar_qdq_and_matmulnbits_are_exact(tmp_path):
             np.testing.assert_allclose(y, x @ q.dequantize().T, atol=2e-5, rtol=1e-5, err_msg=f"{cfg} {fmt}")
 
 
+@pytest.mark.slow
 def test_step_sibling_gets_the_same_weights(fixture_export, tmp_path):
     name, fp = fixture_export
     out = tmp_path / "q.onnx"
@@ -271,6 +274,7 @@ def test_step_sibling_gets_the_same_weights(fixture_export, tmp_path):
     np.testing.assert_allclose(np.stack(steps), full[0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_sequential_mode_runs(fixture_export, tmp_path):
     name, fp = fixture_export
     res = _q(fp, tmp_path / "s.onnx", method="gptq", sequential=True)
@@ -349,6 +353,7 @@ def test_embedding_and_head_pass_is_exact_to_its_payloads():
 
 # KL(gptq4 || gptq4 + int8 embedding + n-bit head, accuracy level 4) on the golden text; observed 8e-6 / 4e-5
 # (RWKV-7 / RWKV-6) at 8 bits, 1.1e-3 / 3e-4 at 4 bits.
+@pytest.mark.slow
 @pytest.mark.parametrize("head_bits, bound", [(8, 5e-4), (4, 5e-3)])
 def test_quantized_embedding_and_head_shrink_the_model_and_keep_its_logits(fixture_export, tmp_path, head_bits,
                                                                             bound):
@@ -375,6 +380,7 @@ def test_quantized_embedding_and_head_shrink_the_model_and_keep_its_logits(fixtu
     np.testing.assert_allclose(np.stack(steps), q1[0, :8], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_embedding_and_head_flags(fixture_export, tmp_path, capsys):
     name, fp = fixture_export
     out = tmp_path / "q.onnx"

@@ -141,6 +141,7 @@ def test_session_with_step_graph_only(tiny_ckpt, tmp_path):
     np.testing.assert_allclose(RwkvSession(step_only).forward(toks)[0], RwkvSession(seq).forward(toks)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_readme_demo_command_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rwkvq_onnx.cli", "demo", "--out", str(tmp_path / "demo")],
                          capture_output=True, text=True, timeout=300)
