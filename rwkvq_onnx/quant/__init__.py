@@ -15,7 +15,7 @@ from .configs import AWQConfig, ElementwiseConfig, GPTQConfig, ScalarConfig, VQC
 from .elementwise import elementwise_quantize
 from .formats import (ElementwiseQuantized, ScalarQuantized, VectorQuantized, bpw, from_arrays, model_bpw,
                       payload_bits, total_bits)
-from .proxy import coarse_proxy, fine_proxy, proxies, select_method
+from .proxy import ProxyValues, coarse_proxy, fine_proxy, proxies
 from .scalar import AWQResult, awq_quantize, gptq_quantize, rtn_quantize
 from .vector import gptvq_quantize, kmeans_vq_quantize
 
@@ -41,6 +41,6 @@ __all__ = [
     "METHODS", "Method", "ScalarConfig", "GPTQConfig", "AWQConfig", "VQConfig", "ElementwiseConfig",
     "ScalarQuantized", "VectorQuantized", "ElementwiseQuantized", "AWQResult", "rtn_quantize", "gptq_quantize",
     "awq_quantize", "kmeans_vq_quantize", "gptvq_quantize", "elementwise_quantize", "coarse_proxy",
-    "fine_proxy", "proxies", "select_method", "proxy_score", "TensorInfo", "Plan", "PlanEntry", "plan_fixed",
+    "fine_proxy", "proxies", "ProxyValues", "proxy_score", "TensorInfo", "Plan", "PlanEntry", "plan_fixed",
     "plan_for_budget", "bpw", "total_bits", "payload_bits", "model_bpw", "from_arrays",
 ]
