@@ -221,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "their own costs and gives VQ to the least uniform weights until the budget is spent, "
                         "landing within 0.005 below it; baselines pick group sizes (SQ) or block heights (VQ) "
                         "(default: none; rwkvquant then uses the --tau-c/--tau-f thresholds)")
-    q.add_argument("--bpw-accounting", choices=("paper", "stored"), default="paper",
-                   help="how --bpw counts: 'paper' charges 32 bits of scale+zero per scalar group (the paper's "
-                        "3.25 for 3-bit groups of 128), 'stored' the bits the payload holds (a 3-bit zero point); "
-                        "VQ costs the same in both (default: paper)")
+    q.add_argument("--bpw-accounting", choices=("stored", "paper"), default="stored",
+                   help="how --bpw counts: 'stored' the bits the payload holds (fp16 scale + 3-bit zero point per "
+                        "scalar group), 'paper' 32 bits of scale+zero per scalar group (the paper's 3.25 for 3-bit "
+                        "groups of 128); VQ costs the same in both (default: stored)")
     q.add_argument("--wbits", type=int, default=3, help="bits per weight of codes (default 3)")
     q.add_argument("--group-size", type=int, default=128,
                    help="scalar group size along K, 0 = per channel (default 128: 3.25 bpw as the paper counts)")

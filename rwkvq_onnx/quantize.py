@@ -49,7 +49,7 @@ class QuantizeOptions:
 
     method: str = "rwkvquant"
     bpw: float | None = None  # target over the linear weights, in `bpw_accounting`
-    bpw_accounting: str = "paper"  # paper: 32 bits of scale+zero per scalar group; stored: the payload's bits
+    bpw_accounting: str = "stored"  # stored: the payload's bits; paper: 32 bits of scale+zero per scalar group
     wbits: int = 3
     group_size: int = 128  # 3 bits in asymmetric groups of 128 = 3.25 bpw as the paper counts
     symmetric: bool = False  # the authors' GPTQ: asymmetric min-max groups
@@ -199,7 +199,12 @@ def _identity_stats(weights: dict[str, np.ndarray]) -> CalibrationStats:
 
 
 def _merge(a: Payloads, b: Payloads) -> Payloads:
-    return Payloads({**a.linear, **b.linear}, {**a.input_scales, **b.input_scales}, {**a.elementwise, **b.elementwise})
+    """Both payload sets in one, in name order (as `apply_plan` returns them)."""
+    def both(x: dict, y: dict) -> dict:
+        return dict(sorted({**x, **y}.items()))
+
+    return Payloads(both(a.linear, b.linear), both(a.input_scales, b.input_scales),
+                    both(a.elementwise, b.elementwise))
 
 
 def _apply_sequentially(model: onnx.ModelProto, plan: Plan, weights: dict[str, np.ndarray], windows: np.ndarray,

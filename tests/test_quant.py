@@ -148,7 +148,7 @@ def test_paper_target_gives_the_paper_mix():
     vq = VQConfig(bits=3, dim=1, group_cols=32)
     assert SQ.paper_bpw(768, 768) == 3.25 and SQ.bpw(768, 768) == 3 + 19 / 128
     assert vq.bpw_with_rows(640, 640, vq.rows_for_bpw(640, 640, 3.5)) == 3.5
-    plan = plan_for_budget(shapes, proxy, 3.275, SQ, vq, vq_bpw=3.5)
+    plan = plan_for_budget(shapes, proxy, 3.275, SQ, vq, vq_bpw=3.5, accounting="paper")
     assert plan.policy["accounting"] == "paper" and 3.27 <= plan.bpw("paper") <= 3.275
     assert plan.share()["vq"]["param_share"] == pytest.approx(0.1, abs=0.03)
 
@@ -169,7 +169,7 @@ def test_threshold_plan_is_the_papers_rule():
 def test_budget_plan_rejects_infeasible_targets():
     shapes, proxy = _model_like_weights()
     with pytest.raises(BudgetError, match="below what 3-bit scalar"):
-        plan_for_budget(shapes, proxy, 3.0, SQ, VQ)
+        plan_for_budget(shapes, proxy, 3.1, SQ, VQ)
     with pytest.raises(BudgetError, match="cannot be met"):
         plan_for_budget(shapes, proxy, 3.9, SQ, VQ)
 
@@ -179,7 +179,7 @@ def test_budget_plan_follows_an_alternative_ranking_for_ablations():
     rng = np.random.default_rng(2)
     proxy = {n: proxies(rng.standard_normal((64, 64))) for n in shapes}
     order = {f"w{i}": float(i) for i in range(6)}  # w5 most deserving of VQ
-    plan = plan_for_budget(shapes, proxy, 3.323, SQ, VQ, scores=order)
+    plan = plan_for_budget(shapes, proxy, 3.323, SQ, VQ, scores=order, accounting="paper")
     chosen = sorted(int(e.name[1:]) for e in plan.entries if e.kind == "vq")
     assert chosen and chosen == list(range(6 - len(chosen), 6))
 
@@ -188,7 +188,7 @@ def test_vq_baseline_is_held_at_its_target_and_scalar_baseline_picks_a_group():
     shapes, proxy = _model_like_weights(6)
     vq_plan = plan_uniform("gptvq", shapes, SQ, VQ, target=3.5)
     assert all(e.bpw() <= 3.5 for e in vq_plan.entries) and vq_plan.bpw() > 3.4
-    sq_plan = plan_uniform("gptq", shapes, SQ, VQ, target=3.5)
+    sq_plan = plan_uniform("gptq", shapes, SQ, VQ, target=3.5, accounting="paper")
     assert len({e.config for e in sq_plan.entries}) == 1 and abs(sq_plan.bpw("paper") - 3.5) <= 0.05
 
 

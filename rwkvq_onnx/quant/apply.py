@@ -23,14 +23,15 @@ def apply_plan(plan: Plan, weights: Mapping[str, np.ndarray], hessians: Mapping[
                progress: bool = False) -> Payloads:
     """Quantize every planned weight ([N, K] layout, Hessian [K, K]) and element-wise vector.
 
-    Weights absent from `weights` are skipped, so a sub-plan can be applied block by block.
+    Weights absent from `weights` are skipped, so a sub-plan can be applied block by block. Payloads
+    come in name order whatever the plan's order, so a plan read back from JSON lowers identically.
     """
     from tqdm import tqdm
 
     from . import METHODS
 
     linear, input_scales, elementwise = {}, {}, {}
-    entries = [e for e in plan.entries if e.name in weights]
+    entries = sorted((e for e in plan.entries if e.name in weights), key=lambda e: e.name)
     for e in tqdm(entries, desc="quantize", unit="tensor", disable=None if progress else True):
         method = METHODS[e.algorithm]
         out = method.quantize(weights[e.name], hessians[e.name] if method.needs_hessian else None, e.config)
@@ -38,7 +39,7 @@ def apply_plan(plan: Plan, weights: Mapping[str, np.ndarray], hessians: Mapping[
             input_scales[e.name] = out.input_scale
             out = out.quantized
         linear[e.name] = out
-    for name, cfg in plan.elementwise.items():
+    for name, cfg in sorted(plan.elementwise.items()):
         if vectors is not None and name in vectors:
             elementwise[name] = elementwise_quantize(vectors[name], (act_sq or {}).get(name), cfg)
     return Payloads(linear, input_scales, elementwise)

@@ -24,13 +24,20 @@ both ways: the costly search the proxy avoids).
 Baselines (one algorithm everywhere) at a target: scalar methods pick the
 group size whose mean bpw is nearest the target (at most `SCALAR_BPW_SLACK`
 above: group sizes come in powers of two); vector methods hold every weight at
-the target with `VQConfig.rows_for_bpw`.
+the target with `VQConfig.rows_for_bpw` (a weight too small for that gets one
+codebook per column group, the cheapest there is). In the hybrid, a weight
+whose VQ cannot be held at the VQ cost stays scalar.
 
-Costs are counted in one of two accountings (see configs.py): "paper" (the
-paper's: fp16 scale and fp16 zero per scalar group; default, so 3.275 means
-what it means in the paper) or "stored" (the bits the payload holds). Stored
-is never above paper, so a plan within budget in paper accounting is within
-it in stored accounting too.
+Costs are counted in one of two accountings (see configs.py): "stored" (the
+bits the payload holds; the CLI default) or "paper" (the paper's: fp16 scale
+and fp16 zero per scalar group, so 3-bit groups of 128 cost 3.25). Stored is
+never above paper, so a plan within budget in paper accounting is within it in
+stored accounting too. On small matrices (K < 128, e.g. the LoRA factors)
+the scalar group is the whole row and paper-counted SQ costs more than 3.25.
+
+A weight whose VQ costs no more than its SQ (small LoRA factors, where a
+scalar group is a short row) takes VQ whenever the ranking reaches it, since
+that frees budget; the ranking still decides the order.
 """
 from __future__ import annotations
 
@@ -63,16 +70,13 @@ def vq_eligible(shape: tuple[int, int], vq: VQConfig) -> bool:
     return k % vq.dim == 0 and k % gc == 0 and gc % vq.dim == 0
 
 
-def vq_at_cost(vq: VQConfig, shape: tuple[int, int], max_bpw: float | None) -> VQConfig:
-    """`vq` with the block height that holds an [N, K] weight at `max_bpw` (unchanged when None)."""
+def vq_at_cost(vq: VQConfig, shape: tuple[int, int], max_bpw: float | None) -> VQConfig | None:
+    """`vq` with the block height that holds an [N, K] weight at `max_bpw` (unchanged when None; None when
+    even one codebook per column group costs more, as on a small LoRA matrix)."""
     if max_bpw is None:
         return vq
     rows = vq.rows_for_bpw(*shape, max_bpw)
-    if rows is None:
-        raise BudgetError(f"vector quantization cannot cost {max_bpw} bpw or less on a {shape[0]}x{shape[1]} "
-                          f"weight (one codebook per {min(vq.group_cols, shape[1])} columns already costs "
-                          f"{vq.bpw_with_rows(*shape, shape[0]):.3f}); raise the VQ bpw or --vq-group-cols")
-    return replace(vq, group_rows=rows)
+    return None if rows is None else replace(vq, group_rows=rows)
 
 
 def ranking_scores(kind: str, weights: Mapping[str, np.ndarray], proxy: Mapping[str, ProxyValues],
@@ -128,8 +132,9 @@ def plan_by_thresholds(shapes: Mapping[str, tuple[int, int]], proxy: Mapping[str
     rank = {n: i for i, n in enumerate(_ranked(shapes, scores))}
     entries = []
     for name, shape in shapes.items():
-        use_vq = not proxy[name].prefers_scalar(tau_c, tau_f) and vq_eligible(shape, vq)
-        cfg = vq_at_cost(vq, shape, vq_bpw) if use_vq else sq
+        vq_cfg = vq_at_cost(vq, shape, vq_bpw) if vq_eligible(shape, vq) else None
+        use_vq = not proxy[name].prefers_scalar(tau_c, tau_f) and vq_cfg is not None
+        cfg = vq_cfg if use_vq else sq
         reasons = {**_reasons(proxy[name], scores[name], rank[name]), "tau_c": tau_c, "tau_f": tau_f}
         entries.append(PlanEntry(name, shape, "gptvq" if use_vq else "gptq", cfg, reasons))
     return Plan(tuple(entries), {}, {"policy": "rwkvquant", "mode": "thresholds", "tau_c": tau_c, "tau_f": tau_f,
@@ -138,7 +143,7 @@ def plan_by_thresholds(shapes: Mapping[str, tuple[int, int]], proxy: Mapping[str
 
 def plan_for_budget(shapes: Mapping[str, tuple[int, int]], proxy: Mapping[str, ProxyValues], target: float,
                     sq: GPTQConfig, vq: VQConfig, vq_bpw: float | None = 3.5, scores: Mapping[str, float] | None = None,
-                    accounting: str = "paper", tau_c: float = TAU_C, tau_f: float = TAU_F,
+                    accounting: str = "stored", tau_c: float = TAU_C, tau_f: float = TAU_F,
                     policy: dict | None = None) -> Plan:
     """VQ down the ranking (highest score first) until the bpw budget is spent; never above `target`.
 
@@ -157,6 +162,7 @@ def plan_for_budget(shapes: Mapping[str, tuple[int, int]], proxy: Mapping[str, P
     n_total = sum(s[0] * s[1] for s in shapes.values())
     budget = target * n_total
     vq_cfg = {n: vq_at_cost(vq, s, vq_bpw) for n, s in shapes.items() if vq_eligible(s, vq)}
+    vq_cfg = {n: c for n, c in vq_cfg.items() if c is not None}  # the others cannot be held at the VQ cost
     spent = sum(cost(sq, s) for s in shapes.values())
     if spent > budget + 1e-9 * n_total:
         raise BudgetError(f"bpw target {target} is below what {sq.bits}-bit scalar quantization costs everywhere "
@@ -191,7 +197,7 @@ def _check_accounting(accounting: str) -> None:
 
 
 def scalar_config_for_bpw(base: ScalarConfig, target: float, shapes: Mapping[str, tuple[int, int]],
-                          accounting: str = "paper") -> ScalarConfig:
+                          accounting: str = "stored") -> ScalarConfig:
     """The group size (and zero-point mode) of `base` whose mean bpw is nearest `target`, at most
     SCALAR_BPW_SLACK above it (a baseline's knob; the hybrid keeps its scalar config fixed)."""
     _check_accounting(accounting)
@@ -210,7 +216,7 @@ def scalar_config_for_bpw(base: ScalarConfig, target: float, shapes: Mapping[str
 
 
 def plan_uniform(algorithm: str, shapes: Mapping[str, tuple[int, int]], sq: ScalarConfig, vq: VQConfig,
-                 target: float | None = None, accounting: str = "paper", proxy: Mapping[str, ProxyValues] | None = None,
+                 target: float | None = None, accounting: str = "stored", proxy: Mapping[str, ProxyValues] | None = None,
                  policy: dict | None = None) -> Plan:
     """A baseline: one algorithm on every weight, sized to `target` when given (proxies, when given, are
     recorded as reasons for the report; they decide nothing)."""
@@ -229,8 +235,9 @@ def plan_uniform(algorithm: str, shapes: Mapping[str, tuple[int, int]], sq: Scal
         if bad:
             raise ConfigError(f"{algorithm} cannot quantize {bad[0]} (input size not a multiple of --vq-dim / "
                               f"--vq-group-cols)")
-        for name, shape in shapes.items():
-            entries.append(PlanEntry(name, shape, algorithm, vq_at_cost(vq, shape, target), why(name)))
+        for name, shape in shapes.items():  # at the target, or the cheapest blocks where none fits
+            cfg = vq_at_cost(vq, shape, target) or replace(vq, group_rows=shape[0])
+            entries.append(PlanEntry(name, shape, algorithm, cfg, why(name)))
     else:
         fields = {f: getattr(sq, f) for f in kind.__dataclass_fields__ if hasattr(sq, f)}
         cfg = kind(**fields)
