@@ -91,8 +91,9 @@ def test_applying_a_plan_is_pure_and_block_by_block_equals_all_at_once():
     x = rng.standard_normal((512, 128))
     hessians = {n: 2 / 512 * x.T @ x for n in weights}
     shapes = {n: w.shape for n, w in weights.items()}
-    plan = plan_for_budget(shapes, {n: proxies(w) for n, w in weights.items()}, 3.3, GPTQConfig(),
+    plan = plan_for_budget(shapes, {n: proxies(w) for n, w in weights.items()}, 3.34, GPTQConfig(),
                            VQConfig(dim=1, group_cols=32, kmeans_iters=5))
+    assert {e.kind for e in plan.entries} == {"sq", "vq"}
     before = {n: w.copy() for n, w in weights.items()}
     whole = apply_plan(plan, weights, hessians)
     parts = [apply_plan(plan.subset({n}), {n: weights[n]}, hessians) for n in weights]
