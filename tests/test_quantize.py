@@ -255,7 +255,7 @@ def test_rewrite_scalar_qdq_and_matmulnbits_are_exact(tmp_path):
 def test_step_sibling_gets_the_same_weights(fixture_export, tmp_path):
     name, fp = fixture_export
     out = tmp_path / "q.onnx"
-    _q(fp, out, bpw=3.275)
+    _q(fp, out, bpw=3.35)
     seq, step = onnx.load(out), onnx.load(step_path(out))
     q_names = {t.name for t in seq.graph.initializer if t.name.endswith(("_codes", "_codebooks", "_q", "_codebook"))}
     step_inits = {t.name: t for t in step.graph.initializer}
