@@ -150,8 +150,8 @@ def test_report_bpw_matches_stored_bytes(fixture_export, tmp_path):
 def test_lowered_graph_runs_without_custom_ops_and_matches(fixture_export, tmp_path):
     name, fp = fixture_export
     custom, lowered = tmp_path / "c.onnx", tmp_path / "l.onnx"
-    _q(fp, custom, bpw=3.275)
-    _q(fp, lowered, bpw=3.275, lower_vq=True)
+    _q(fp, custom, bpw=3.35)
+    _q(fp, lowered, bpw=3.35, lower_vq=True)
     model = onnx.load(lowered)
     assert not any(o.domain == ops.DOMAIN for o in model.opset_import)
     assert not any(n.domain == ops.DOMAIN for n in model.graph.node)
