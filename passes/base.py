@@ -36,9 +36,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from rwkvq_onnx.calibration import CalibrationStats, ElementwiseTarget, LinearTarget
-from rwkvq_onnx.quant import ElementwiseQuantized, PlanEntry, ScalarQuantized, VectorQuantized
-from rwkvq_onnx.quant.formats import Payloads
+from rwkvq_onnx.quant.formats import Payloads, ScalarQuantized
 
 CHECK_LIMIT_BYTES = 1_800_000_000  # onnx's checker and shape inference need the model under protobuf's 2 GB
 
@@ -226,18 +224,3 @@ def check_model(model: onnx.ModelProto) -> None:
 
 
 # ---- legacy: removed by the quantization-policy rework (nothing in passes/ reads it) --------------------
-
-@dataclass
-class QuantState:
-    """Everything the quantize pipeline knows besides the graph itself."""
-
-    linear: list[LinearTarget] = field(default_factory=list)
-    elementwise: list[ElementwiseTarget] = field(default_factory=list)
-    stats: CalibrationStats | None = None
-    weights: dict[str, np.ndarray] = field(default_factory=dict)  # [N, K] nn.Linear layout, float32
-    plan: dict[str, PlanEntry] = field(default_factory=dict)
-    algorithm: dict[str, str] = field(default_factory=dict)  # weight -> rtn/gptq/awq/kmeans/gptvq
-    payloads: dict[str, ScalarQuantized | VectorQuantized] = field(default_factory=dict)
-    input_scales: dict[str, np.ndarray] = field(default_factory=dict)  # AWQ: divide the MatMul input by these
-    elementwise_payloads: dict[str, ElementwiseQuantized] = field(default_factory=dict)
-    report: dict[str, dict] = field(default_factory=dict)

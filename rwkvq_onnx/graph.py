@@ -11,7 +11,6 @@ import onnx
 from onnx import numpy_helper
 
 from .names import DOMAIN
-from .names import OPS_KEY as RWKVQ_OPS_KEY  # noqa: F401  (quantize.py's name for the key)
 
 
 def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:

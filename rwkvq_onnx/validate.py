@@ -25,6 +25,7 @@ import numpy as np
 from .agreement import Agreement, agreement
 from .checkpoint import ModelConfig
 from .errors import ConfigError, MissingDependencyError, RwkvqError
+from .names import CONFIG_KEY, GRAPH_KEY, QUANTIZATION_KEY
 
 LOGITS = "logits"
 STATE_OUTPUTS = ("new_state_att_shift", "new_state_ffn_shift", "new_state_wkv")
@@ -107,11 +108,11 @@ def model_info(path: str | Path) -> ModelInfo:
         if not onnx_path.is_file():
             raise RwkvqError(f"the engine's source model {onnx_path} (named in {sidecar.name}) is missing", path)
     meta = _onnx_metadata(onnx_path)
-    if "rwkvq.config" not in meta:
+    if CONFIG_KEY not in meta:
         raise RwkvqError("not an rwkvq-onnx model (no 'rwkvq.config' metadata; export it with `rwkvq-onnx export`)",
                          onnx_path)
-    return ModelInfo(path, ModelConfig(**json.loads(meta["rwkvq.config"])), meta.get("rwkvq.graph", "sequence"),
-                     meta.get("rwkvq.quantization"))
+    return ModelInfo(path, ModelConfig(**json.loads(meta[CONFIG_KEY])), meta.get(GRAPH_KEY, "sequence"),
+                     meta.get(QUANTIZATION_KEY))
 
 
 def choose_mode(a: ModelInfo, b: ModelInfo) -> str:

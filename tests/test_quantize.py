@@ -55,13 +55,17 @@ def _q(fp, out, **kw):
 def test_rwkvquant_end_to_end_meets_bpw_and_evaluates(fixture_export, tmp_path):
     name, fp = fixture_export
     out = tmp_path / "q.onnx"
-    assert main(["quantize", str(fp), "-o", str(out), "--method", "rwkvquant", "--bpw", "3.275",
+    assert main(["quantize", str(fp), "-o", str(out), "--method", "rwkvquant", "--bpw", "3.35",
+                 "--vq-dim", "1", "--vq-group-cols", "32",
                  "--calib", str(shared_file("data", "lambada_test.jsonl")), "--nsamples", "8", "--seqlen", "64",
                  "--report", str(tmp_path / "q.json")]) == 0
     report = json.loads((tmp_path / "q.json").read_text())
     totals = report["totals"]
-    assert abs(totals["bpw"] - 3.275) <= 0.005
-    assert set(totals["methods"]) <= {"gptq", "gptvq"} and sum(totals["methods"].values()) == totals["quantized_tensors"]
+    assert 3.35 - 0.005 <= totals["bpw"] <= 3.35 and totals["bpw"] <= totals["bpw_paper"]
+    assert set(totals["methods"]) == {"gptq", "gptvq"} and sum(totals["methods"].values()) == totals["quantized_tensors"]
+    shares = totals["shares"]
+    assert shares["vq"]["tensors"] == totals["methods"]["gptvq"] and 0 < shares["vq"]["param_share"] < 1
+    assert (tmp_path / "q.plan.json").is_file()
     rows = [r for r in report["tensors"].values() if r.get("kind") in ("sq", "vq")]
     assert rows and all({"proxy_coarse", "proxy_fine", "method", "bits", "bpw", "rel_weight_error",
                          "rel_output_error"} <= set(r) for r in rows)
@@ -150,8 +154,8 @@ def test_report_bpw_matches_stored_bytes(fixture_export, tmp_path):
 def test_lowered_graph_runs_without_custom_ops_and_matches(fixture_export, tmp_path):
     name, fp = fixture_export
     custom, lowered = tmp_path / "c.onnx", tmp_path / "l.onnx"
-    _q(fp, custom, bpw=3.275)
-    _q(fp, lowered, bpw=3.275, lower_vq=True)
+    _q(fp, custom, bpw=3.35)
+    _q(fp, lowered, bpw=3.35, lower_vq=True)
     model = onnx.load(lowered)
     assert not any(o.domain == DOMAIN for o in model.opset_import)
     assert not any(n.domain == DOMAIN for n in model.graph.node)
@@ -256,7 +260,7 @@ def test_rewrite_scalar_qdq_and_matmulnbits_are_exact(tmp_path):
 def test_step_sibling_gets_the_same_weights(fixture_export, tmp_path):
     name, fp = fixture_export
     out = tmp_path / "q.onnx"
-    _q(fp, out, bpw=3.275)
+    _q(fp, out, bpw=3.35)
     seq, step = onnx.load(out), onnx.load(step_path(out))
     q_names = {t.name for t in seq.graph.initializer if t.name.endswith(("_codes", "_codebooks", "_q", "_codebook"))}
     step_inits = {t.name: t for t in step.graph.initializer}
@@ -291,7 +295,9 @@ def test_quantize_errors_are_one_line_and_write_nothing(fixture_export, tmp_path
     calib = str(shared_file("data", "lambada_test.jsonl"))
     out = tmp_path / "never.onnx"
     cases = [
-        (["--bpw", "1.5", "--calib", calib], "cannot be met"),
+        (["--bpw", "1.5", "--calib", calib], "bpw target 1.5 is below what 3-bit scalar quantization costs"),
+        (["--bpw", "1.0", "--calib", calib], "--bpw must be greater than 1 and less than 16, got 1.0"),
+        (["--calib", calib, "--recipe", str(tmp_path / "nope.plan.json")], "no such plan file"),
         (["--calib", str(empty)], "holds no text"),
         (["--calib", str(short), "--seqlen", "64"], "too short for calibration"),
         (["--method", "gptq"], "needs calibration data"),
@@ -302,7 +308,7 @@ def test_quantize_errors_are_one_line_and_write_nothing(fixture_export, tmp_path
         assert main(["quantize", str(fp), "-o", str(out), "--nsamples", "2", *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, (args, err)
-        assert not out.exists() and not step_path(out).exists()
+        assert not out.exists() and not step_path(out).exists() and not (tmp_path / "never.plan.json").exists()
     with pytest.raises(SystemExit) as exc:
         main(["quantize", str(fp), "-o", str(out), "--method", "bogus"])
     assert exc.value.code == 2
