@@ -88,7 +88,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         elementwise_bits=args.elementwise_bits, fold_elementwise=args.fold_elementwise, sq_format=args.sq_format,
         lower_vq=args.lower_vq, tokenizer=args.tokenizer, kmeans_iters=args.kmeans_iters, ranking=args.ranking,
         embedding_bits=args.embedding_bits, head_bits=args.head_bits,
-        head_accuracy_level=args.head_accuracy_level)
+        head_accuracy_level=args.head_accuracy_level, rotate_lora=args.rotate_lora)
     result = quantize_model(args.model, args.output, opts, args.report)
     t = result.report["totals"]
     for path in result.outputs:
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kmeans-iters", type=int, default=25)
     q.add_argument("--ranking", choices=("proxy", "variance", "range", "mse"), default="proxy",
                    help="rwkvquant ablations: order weights for VQ by another criterion (needs --bpw)")
+    q.add_argument("--rotate-lora", action="store_true",
+                   help="fold a seeded Hadamard rotation into RWKV-7's linear-only LoRA pairs (a1/a2, v1/v2) "
+                        "before calibration; same fp function, flatter weights (default: off)")
     q.add_argument("--tokenizer", default="auto", help="as for eval")
     q.add_argument("--report", type=Path, help="write the per-tensor JSON report here")
     q.set_defaults(func=cmd_quantize)

@@ -21,7 +21,7 @@ from .atomic import check_writable
 from .calibration import calibration_windows, collect_statistics, find_targets, CalibrationStats
 from .errors import ConfigError
 from .export import read_config, save_model, step_path
-from .graph import RWKVQ_OPS_KEY, rwkvq_ops
+from .graph import RWKVQ_OPS_KEY, rwkvq_ops, set_initializer
 from .passes.base import PassResult, QuantState
 from .passes.pipeline import LoweringOptions, lower_payloads
 from .passes.quantize_elementwise import QuantizeElementwise
@@ -30,6 +30,7 @@ from .passes.quantize_weights import QuantizeWeights
 from .passes.select_methods import POLICIES, SelectMethods
 from .quant import METHODS, ElementwiseConfig, GPTQConfig, VQConfig, model_bpw
 from .quant.formats import Payloads
+from .quant.rotate import rotate_lora
 from .tokenizers import get_tokenizer
 
 
@@ -58,6 +59,7 @@ class QuantizeOptions:
     tokenizer: str | None = None
     kmeans_iters: int = 25
     ranking: str = "proxy"  # ablations: variance | range | mse
+    rotate_lora: bool = False  # Hadamard-rotate RWKV-7's a1/a2 and v1/v2 LoRA pairs before calibration
     embedding_bits: int | None = None  # 8: int8 embedding rows (kept in full precision when None)
     head_bits: int | None = None  # 4 or 8: MatMulNBits head (kept in full precision when None)
     head_accuracy_level: int = 4  # MatMulNBits accuracy_level of the head: 4 int8 activations (fast), 0 float
@@ -153,6 +155,15 @@ def _quantize_sequentially(model: onnx.ModelProto, state: QuantState, windows: n
     return stats
 
 
+def rotate_model_lora(model: onnx.ModelProto, seed: int) -> list[str]:
+    """Fold the Hadamard rotation of the linear-only LoRA pairs into the graph's initializers (see quant/rotate.py)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    rotated = rotate_lora(inits, seed)
+    for name, array in rotated.items():
+        set_initializer(model, name, array)
+    return sorted(rotated)
+
+
 def initializer_bytes(model: onnx.ModelProto, prefix_names: set[str] | None = None) -> int:
     total = 0
     for t in model.graph.initializer:
@@ -183,6 +194,8 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
     props = {p.key: p.value for p in model.metadata_props}
     if props.get("rwkvq.graph") == "step":
         raise ConfigError("quantize needs the sequence graph (OUT.onnx), not the step graph", in_path)
+    if opts.rotate_lora:
+        log(f"rotate-lora: {len(rotate_model_lora(model, opts.seed))} LoRA matrices rotated")
     state = QuantState()
     state.linear, state.elementwise = find_targets(model)
     if not opts.use_elementwise():
@@ -217,6 +230,8 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
     sibling = step_path(in_path)
     if sibling.is_file():
         graphs.append((onnx.load(sibling), step_path(out_path)))
+        if opts.rotate_lora:
+            rotate_model_lora(graphs[-1][0], opts.seed)
     meta = {"method": opts.method, "bpw": model_bpw(state.payloads), "options": _options_json(opts)}
     payloads = Payloads(state.payloads, state.input_scales, state.elementwise_payloads)
     results.extend(lower_payloads([g for g, _ in graphs], payloads, lowering_options(opts), log=log))
