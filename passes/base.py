@@ -1,13 +1,9 @@
-"""What passes share: the quantization state they read and write, and what each reports."""
+"""What passes share: what each reports, and the MatMul-rewrite helpers."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
-
-from rwkvq_onnx.calibration import CalibrationStats, ElementwiseTarget, LinearTarget
-from rwkvq_onnx.quant import ElementwiseQuantized, PlanEntry, ScalarQuantized, VectorQuantized
 
 
 @dataclass
@@ -26,22 +22,6 @@ class PassResult:
         if self.skipped:
             parts.append(f"skipped {len(self.skipped)}")
         return f"{self.name}: " + (", ".join(parts) if parts else "nothing to do")
-
-
-@dataclass
-class QuantState:
-    """Everything the quantize pipeline knows besides the graph itself."""
-
-    linear: list[LinearTarget] = field(default_factory=list)
-    elementwise: list[ElementwiseTarget] = field(default_factory=list)
-    stats: CalibrationStats | None = None
-    weights: dict[str, np.ndarray] = field(default_factory=dict)  # [N, K] nn.Linear layout, float32
-    plan: dict[str, PlanEntry] = field(default_factory=dict)
-    algorithm: dict[str, str] = field(default_factory=dict)  # weight -> rtn/gptq/awq/kmeans/gptvq
-    payloads: dict[str, ScalarQuantized | VectorQuantized] = field(default_factory=dict)
-    input_scales: dict[str, np.ndarray] = field(default_factory=dict)  # AWQ: divide the MatMul input by these
-    elementwise_payloads: dict[str, ElementwiseQuantized] = field(default_factory=dict)
-    report: dict[str, dict] = field(default_factory=dict)
 
 
 def weight_matmul(node: onnx.NodeProto, weights) -> str | None:

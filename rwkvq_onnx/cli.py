@@ -77,26 +77,32 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from .quantize import QuantizeOptions, quantize_model
+    from .quantize import QuantizeOptions, plan_summary, quantize_model
 
     opts = QuantizeOptions(
-        method=args.method, bpw=args.bpw, wbits=args.wbits, group_size=args.group_size,
-        symmetric={"sym": True, "asym": False, None: None}[args.sym], vq_dim=args.vq_dim, tau_c=args.tau_c,
-        tau_f=args.tau_f, calib=str(args.calib) if args.calib else None, nsamples=args.nsamples,
+        method=args.method, bpw=args.bpw, bpw_accounting=args.bpw_accounting, wbits=args.wbits,
+        group_size=args.group_size, symmetric=args.sym == "sym", act_order=args.act_order, vq_dim=args.vq_dim,
+        vq_bits=args.vq_bits, vq_bpw=args.vq_bpw, vq_group_cols=args.vq_group_cols,
+        vq_group_rows=args.vq_group_rows, kmeans_iters=args.kmeans_iters, m_step=args.m_step == "on",
+        tau_c=args.tau_c, tau_f=args.tau_f, calib=str(args.calib) if args.calib else None, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, sequential=args.sequential,
         elementwise={"on": True, "off": False, None: None}[args.elementwise],
         elementwise_bits=args.elementwise_bits, fold_elementwise=args.fold_elementwise, sq_format=args.sq_format,
-        lower_vq=args.lower_vq, tokenizer=args.tokenizer, kmeans_iters=args.kmeans_iters, ranking=args.ranking,
+        lower_vq=args.lower_vq, tokenizer=args.tokenizer, ranking=args.ranking,
         embedding_bits=args.embedding_bits, head_bits=args.head_bits,
-        head_accuracy_level=args.head_accuracy_level, rotate_lora=args.rotate_lora)
+        head_accuracy_level=args.head_accuracy_level, recipe=str(args.recipe) if args.recipe else None,
+        rotate_lora=args.rotate_lora, elementwise_weighted=args.elementwise_weighting == "activations")
     result = quantize_model(args.model, args.output, opts, args.report)
     t = result.report["totals"]
     for path in result.outputs:
         print(f"wrote {path} ({_size(path)})")
-    target = "" if t["bpw_target"] is None else f" (target {t['bpw_target']})"
-    print(f"{t['quantized_tensors']} tensors ({t['quantized_weights'] / 1e6:.2f}M weights): bpw {t['bpw']:.4f}"
-          f"{target}, methods {t['methods']}, stored {t['quantized_weights_stored_bits_per_weight']:.3f} "
-          f"bits/weight ({t['quantized_weights_ratio_to_fp16']:.3f} x fp16); embedding+head "
+    target = "" if t["bpw_target"] is None else f", target {t['bpw_target']} ({t['bpw_accounting']} accounting)"
+    methods = ", ".join(f"{n} {m}" for m, n in sorted(t["methods"].items()))
+    print(f"{t['quantized_tensors']} tensors, {t['quantized_weights'] / 1e6:.2f}M weights: {methods}")
+    print(plan_summary(result.plan))
+    print(f"bpw {t['bpw']:.4f} stored, {t['bpw_paper']:.4f} as the paper counts{target}")
+    print(f"stored {t['quantized_weights_stored_bits_per_weight']:.3f} bits/weight in the graph "
+          f"({t['quantized_weights_ratio_to_fp16']:.3f} x fp16); embedding+head "
           f"{t['embedding_and_head_bytes'] / 2**20:.1f} MiB; {result.report['seconds']:.1f} s")
     if args.report:
         print(f"wrote {args.report}")
@@ -196,37 +202,79 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quantize", help="quantize an exported model (RWKVQuant or a baseline method)",
-                       description="Calibrate the exported sequence graph in onnxruntime, quantize every linear "
-                                   "weight (and, for rwkvquant, the element-wise vectors) and write a runnable "
-                                   "quantized ONNX model. When IN.onnx has a .step.onnx sibling, OUT.step.onnx "
-                                   "gets the same weights.")
+                       description="Calibrate the exported sequence graph in onnxruntime, plan a method for every "
+                                   "linear weight (and, for rwkvquant, codebooks for the element-wise vectors), "
+                                   "apply the plan and write a runnable quantized ONNX model, plus the plan as "
+                                   "OUT.plan.json. When IN.onnx has a .step.onnx sibling, OUT.step.onnx gets the "
+                                   "same weights.")
     q.add_argument("model", type=Path, help="fp sequence graph from `rwkvq-onnx export`")
-    q.add_argument("-o", "--output", type=Path, required=True, help="quantized .onnx")
+    q.add_argument("-o", "--output", type=Path, required=True,
+                   help="quantized .onnx (the plan is written beside it as OUT.plan.json)")
     q.add_argument("--method", default="rwkvquant", choices=("rwkvquant", "gptq", "gptvq", "rtn", "kmeans", "awq"),
-                   help="rwkvquant: proxy-chosen GPTQ or GPTVQ per weight + element-wise codebooks (default)")
+                   help="rwkvquant: proxy-chosen GPTQ or GPTVQ per weight + element-wise codebooks; the others "
+                        "apply one algorithm everywhere (default: rwkvquant)")
+    q.add_argument("--recipe", type=Path, default=None,
+                   help="apply a saved plan (OUT.plan.json of an earlier run) instead of planning; the options "
+                        "recorded in it replace the other quantize flags, so the model comes out byte for byte "
+                        "the same (default: plan afresh)")
     q.add_argument("--bpw", type=float, default=None,
-                   help="bits-per-weight target over the linear weights (e.g. 3.275); rwkvquant meets it by "
-                        "ranking weights by the proxy, baselines by their group/codebook sizes")
+                   help="bits-per-weight target over the linear weights (e.g. 3.275): rwkvquant keeps SQ and VQ at "
+                        "their own costs and gives VQ to the least uniform weights until the budget is spent, "
+                        "landing within 0.005 below it; baselines pick group sizes (SQ) or block heights (VQ) "
+                        "(default: none; rwkvquant then uses the --tau-c/--tau-f thresholds)")
+    q.add_argument("--bpw-accounting", choices=("paper", "stored"), default="paper",
+                   help="how --bpw counts: 'paper' charges 32 bits of scale+zero per scalar group (the paper's "
+                        "3.25 for 3-bit groups of 128), 'stored' the bits the payload holds (a 3-bit zero point); "
+                        "VQ costs the same in both (default: paper)")
     q.add_argument("--wbits", type=int, default=3, help="bits per weight of codes (default 3)")
-    q.add_argument("--group-size", type=int, default=64, help="scalar group size along K (0 = per channel)")
-    q.add_argument("--sym", choices=("sym", "asym"), default=None,
-                   help="scalar zero points (default: sym for rwkvquant, asym for baselines)")
-    q.add_argument("--vq-dim", type=int, default=2, help="weights per codebook index (1, 2 or 4)")
-    q.add_argument("--tau-c", type=float, default=1.5, help="coarse proxy threshold (paper: 1.5)")
-    q.add_argument("--tau-f", type=float, default=50.0, help="fine proxy threshold (paper: 50)")
-    q.add_argument("--calib", type=Path, help="calibration text or jsonl ({\"text\": ...} per line)")
-    q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--group-size", type=int, default=128,
+                   help="scalar group size along K, 0 = per channel (default 128: 3.25 bpw as the paper counts)")
+    q.add_argument("--sym", choices=("sym", "asym"), default="asym",
+                   help="scalar groups: asymmetric min-max with a zero point, or symmetric abs-max (default: asym, "
+                        "as the authors ran GPTQ)")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ visits columns by decreasing Hessian diagonal (default: off, as the authors ran it)")
+    q.add_argument("--vq-dim", type=int, default=2, help="weights per codebook index: 1, 2 or 4 (default 2)")
+    q.add_argument("--vq-bits", type=int, default=None, help="VQ index bits per weight (default: --wbits)")
+    q.add_argument("--vq-bpw", type=float, default=3.5,
+                   help="rwkvquant holds every VQ weight at this many bits per weight or fewer by choosing its "
+                        "codebook block height (default 3.5, as the paper)")
+    q.add_argument("--vq-group-cols", type=int, default=256,
+                   help="input columns per VQ codebook block (default 256; the authors ran 32 with --vq-dim 1)")
+    q.add_argument("--vq-group-rows", type=int, default=0,
+                   help="output rows per VQ codebook block; 0 derives it from --vq-bpw (or a VQ baseline's --bpw), "
+                        "otherwise 16 for a VQ baseline without --bpw (default 0)")
+    q.add_argument("--kmeans-iters", type=int, default=25,
+                   help="k-means (EM) iterations per VQ codebook (default 25; the authors ran 100)")
+    q.add_argument("--m-step", choices=("on", "off"), default="on",
+                   help="GPTVQ refits the codebooks to the layer's output error after assignment (default: on)")
+    q.add_argument("--tau-c", type=float, default=1.5, help="coarse proxy threshold (default 1.5, the paper's)")
+    q.add_argument("--tau-f", type=float, default=50.0, help="fine proxy threshold (default 50, the paper's)")
+    q.add_argument("--ranking", choices=("proxy", "coarse", "fine", "variance", "range", "mse"), default="proxy",
+                   help="rwkvquant ablations: order weights for VQ by another criterion, needs --bpw "
+                        "(default: proxy, the combined coarse-to-fine score)")
+    q.add_argument("--calib", type=Path,
+                   help="calibration text or jsonl ({\"text\": ...} per line); needed by every method but rtn and "
+                        "kmeans (default: none)")
+    q.add_argument("--nsamples", type=int, default=64,
+                   help="calibration windows (default 64, as the README quality tables)")
+    q.add_argument("--seqlen", type=int, default=256,
+                   help="tokens per calibration window (default 256, as the README quality tables)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and k-means (default 0)")
     q.add_argument("--sequential", action="store_true",
-                   help="re-calibrate each block after the blocks before it are quantized (slower, as GPTQ)")
+                   help="re-calibrate each block after the blocks before it are quantized (slower, as GPTQ; "
+                        "default: off)")
     q.add_argument("--elementwise", choices=("on", "off"), default=None,
-                   help="activation-weighted codebooks for element-wise vectors (default: on for rwkvquant)")
-    q.add_argument("--elementwise-bits", type=int, default=4)
-    q.add_argument("--fold-elementwise", action="store_true", help="store decoded element-wise vectors as constants")
+                   help="activation-weighted codebooks for element-wise vectors (default: on for rwkvquant, "
+                        "off otherwise)")
+    q.add_argument("--elementwise-bits", type=int, default=4,
+                   help="index bits of the element-wise codebooks (default 4)")
+    q.add_argument("--fold-elementwise", action="store_true",
+                   help="store decoded element-wise vectors as constants (default: off)")
     q.add_argument("--sq-format", choices=("qdq", "matmulnbits"), default="qdq",
-                   help="scalar weights as DequantizeLinear+MatMul (default) or com.microsoft.MatMulNBits")
-    q.add_argument("--lower-vq", action="store_true", help="rewrite rwkvq ops into standard ONNX ops")
+                   help="scalar weights as DequantizeLinear+MatMul or com.microsoft.MatMulNBits (default: qdq)")
+    q.add_argument("--lower-vq", action="store_true",
+                   help="rewrite rwkvq ops into standard ONNX ops (default: off)")
     q.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
                    help="store the embedding as int8 rows with one scale each (default: full precision)")
     q.add_argument("--head-bits", type=int, choices=(4, 8), default=None,
@@ -235,14 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--head-accuracy-level", type=int, choices=(0, 4), default=4,
                    help="MatMulNBits accuracy_level of the head: 4 (default) quantizes its input to int8 per "
                         "block, onnxruntime's fast CPU path; 0 computes in float (several times slower)")
-    q.add_argument("--kmeans-iters", type=int, default=25)
-    q.add_argument("--ranking", choices=("proxy", "variance", "range", "mse"), default="proxy",
-                   help="rwkvquant ablations: order weights for VQ by another criterion (needs --bpw)")
+    q.add_argument("--elementwise-weighting", choices=("activations", "none"), default="activations",
+                   help="element-wise codebooks fit weighted by the mean squared activation each entry multiplies, "
+                        "or unweighted at the same bits (an ablation) (default: activations)")
     q.add_argument("--rotate-lora", action="store_true",
                    help="fold a seeded Hadamard rotation into RWKV-7's linear-only LoRA pairs (a1/a2, v1/v2) "
                         "before calibration; same fp function, flatter weights (default: off)")
-    q.add_argument("--tokenizer", default="auto", help="as for eval")
-    q.add_argument("--report", type=Path, help="write the per-tensor JSON report here")
+    q.add_argument("--tokenizer", default="auto", help="as for eval (default: auto)")
+    q.add_argument("--report", type=Path, help="write the per-tensor JSON report here (default: none)")
     q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("build-engine", help="TensorRT engine (.plan) with the rwkvq plugins (needs a GPU)",

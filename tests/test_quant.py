@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from rwkvq_onnx.errors import BudgetError, ConfigError
-from rwkvq_onnx.quant import (METHODS, AWQConfig, ElementwiseConfig, GPTQConfig, ScalarConfig, TensorInfo,
-                              VQConfig, awq_quantize, bpw, elementwise_quantize, from_arrays, gptq_quantize,
-                              gptvq_quantize, kmeans_vq_quantize, payload_bits, plan_fixed, plan_for_budget,
-                              proxies, rtn_quantize, select_method, total_bits)
+from rwkvq_onnx.quant import (METHODS, AWQConfig, ElementwiseConfig, GPTQConfig, ScalarConfig, VQConfig,
+                              awq_quantize, bpw, elementwise_quantize, gptq_quantize, gptvq_quantize,
+                              kmeans_vq_quantize, proxies, rtn_quantize, total_bits)
 from rwkvq_onnx.quant.elementwise import weighted_error
-from rwkvq_onnx.quant.formats import pack_bits, unpack_bits
-from rwkvq_onnx.quant.hessian import hessian_from_inputs, output_error
+from rwkvq_onnx.quant.hessian import output_error
+from rwkvq_onnx.quant.policy import (BUDGET_TOLERANCE, plan_by_thresholds, plan_for_budget, plan_uniform,
+                                     proxy_score)
 
 
 def correlated_hessian(k: int, seed: int = 0, n: int = 8192) -> np.ndarray:
@@ -22,7 +22,7 @@ def correlated_hessian(k: int, seed: int = 0, n: int = 8192) -> np.ndarray:
     mix = rng.standard_normal((k, k)) / np.sqrt(k)
     x = rng.standard_normal((n, k)) @ mix + 0.1 * rng.standard_normal((n, k))
     x *= np.exp(0.5 * rng.standard_normal(k))
-    return hessian_from_inputs(x)
+    return 2.0 / n * x.T @ x
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_vq_wins_on_clustered_and_sq_wins_on_uniform_at_equal_bpw(h512):
     """
     rng = np.random.default_rng(5)
     n, k = 256, 512
-    sq = GPTQConfig(bits=3, group_size=128)
+    sq = GPTQConfig(bits=3, group_size=128, act_order=True)
     clustered = (rng.choice([-1.0, -0.3, 0.3, 1.0], size=(n, k)) + 0.1 * rng.standard_normal((n, k))) * 0.05
     row_range = np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=(n, 1)))
     uniform = rng.uniform(-1, 1, size=(n, k)) * row_range * 0.05
@@ -100,46 +100,96 @@ def test_awq_scaling_lowers_output_error_vs_rtn(h256):
     assert output_error(w, res.dequantize(), h256) < output_error(w, rtn_quantize(w, None, cfg).dequantize(), h256)
 
 
-def test_proxy_sends_uniform_to_sq_and_peaked_or_outliers_to_vq():
-    rng = np.random.default_rng(0)
-    shape = (384, 384)
-    uniform = rng.uniform(-1, 1, shape)
-    outliers = uniform.copy()
-    outliers.flat[rng.choice(uniform.size, 40, replace=False)] = rng.uniform(3, 6, 40)
-    p = proxies(uniform)
-    assert p.coarse < 1.5 and p.fine < 50 and select_method(uniform) == "sq"
-    for w in (rng.standard_normal(shape), rng.laplace(size=shape), outliers):
-        assert select_method(w) == "vq"
-    assert proxies(rng.laplace(size=shape)).coarse > proxies(rng.standard_normal(shape)).coarse > p.coarse
-    assert proxies(outliers).fine > 50  # local outliers alone trip the fine proxy
-    # thresholds are parameters: a lax enough threshold sends a Gaussian to SQ
-    assert select_method(rng.standard_normal(shape), tau_c=1e9, tau_f=1e300) == "sq"
+def _model_like_weights(count: int = 18, seed: int = 1) -> tuple[dict, dict]:
+    """Shapes of a small RWKV and proxies of weights from uniform (SQ-like) to heavy-tailed (VQ-like)."""
+    rng = np.random.default_rng(seed)
+    shapes, proxy = {}, {}
+    for i in range(count):
+        shapes[f"w{i:02d}"] = [(256, 256), (1024, 256), (256, 1024)][i % 3]
+        sample = [rng.uniform(-0.05, 0.05, (256, 256)), rng.normal(0, 0.02, (256, 256)),
+                  rng.laplace(0, 0.02 * (1 + i % 4), (256, 256))][i % 3]
+        proxy[f"w{i:02d}"] = proxies(sample)
+    return shapes, proxy
 
 
-@pytest.mark.parametrize("target", [3.15, 3.25, 3.275, 3.3, 3.5])
-def test_budget_selector_meets_target_following_proxy_ranking(target):
-    rng = np.random.default_rng(1)
-    tensors = []
-    for i in range(18):
-        n, k = [(768, 768), (3072, 768), (768, 3072)][i % 3]
-        sample = rng.uniform(-1, 1, (128, 128)) if i % 3 else rng.standard_normal((128, 128)) * (1 + i % 2)
-        tensors.append(TensorInfo(f"w{i}", (n, k), proxies(sample)))
-    sq, vq = ScalarConfig(bits=3, group_size=64, symmetric=True), VQConfig(bits=3, dim=2)
-    plan = plan_for_budget(tensors, target, sq, vq)
-    total = sum(e.bpw * t.numel for e, t in zip(plan.entries, tensors)) / sum(t.numel for t in tensors)
-    assert abs(total - target) <= 0.005 and abs(plan.bpw - total) < 1e-9
-    vq_scores = [e.score for e in plan.entries if e.method == "vq"]
-    sq_scores = [e.score for e in plan.entries if e.method == "sq"]
-    if vq_scores and sq_scores:
-        assert min(vq_scores) >= max(sq_scores)  # the split follows the proxy ranking
-    fixed = plan_fixed(tensors, sq, vq)
-    assert fixed.vq_count == plan.threshold_vq_count == sum(e.score >= 1 for e in fixed.entries)
+SQ = GPTQConfig(bits=3, group_size=128)  # 3.25 bpw as the paper counts
+VQ = VQConfig(bits=3, dim=2)
 
 
-def test_budget_selector_rejects_infeasible_target():
-    t = [TensorInfo("w", (768, 768), proxies(np.random.default_rng(0).standard_normal((64, 64))))]
+@pytest.mark.parametrize("target", [3.26, 3.275, 3.3, 3.4])
+@pytest.mark.parametrize("accounting", ["paper", "stored"])
+def test_budget_plan_lands_just_below_target_with_fixed_configs_following_the_ranking(target, accounting):
+    shapes, proxy = _model_like_weights()
+    plan = plan_for_budget(shapes, proxy, target, SQ, VQ, vq_bpw=3.5, accounting=accounting)
+    assert target - BUDGET_TOLERANCE <= plan.bpw(accounting) <= target + 1e-12
+    assert plan.bpw("stored") <= plan.bpw("paper") + 1e-12
+    vq = [e for e in plan.entries if e.kind == "vq"]
+    sq = [e for e in plan.entries if e.kind == "sq"]
+    assert vq and sq  # a real mix
+    assert all(e.config == SQ and e.algorithm == "gptq" for e in sq)  # SQ stays at its own cost
+    assert all(e.algorithm == "gptvq" and 3.4 < e.bpw() <= 3.5 for e in vq)  # VQ held at (just under) 3.5
+    # the VQ set is the least uniform weights, except those skipped because their VQ would overshoot
+    n = sum(e.numel for e in plan.entries)
+    slack = (target - plan.bpw(accounting)) * n
+    last_vq = max(e.reasons["rank"] for e in vq)
+    for e in plan.entries:
+        if e.kind == "sq" and e.reasons["rank"] < last_vq:
+            vq_cost = VQ.bpw_with_rows(*e.shape, VQ.rows_for_bpw(*e.shape, 3.5))  # same in both accountings
+            extra = (vq_cost - e.bpw(accounting)) * e.numel
+            assert extra > slack, e.name
+    share = plan.share()
+    assert share["vq"]["tensors"] == len(vq) and share["sq"]["param_share"] + share["vq"]["param_share"] == 1.0
+
+
+def test_paper_target_gives_the_paper_mix():
+    """SQ at 3.25 and VQ at 3.5 (paper accounting): 3.275 is about a tenth of the parameters in VQ."""
+    shapes = {f"w{i}": (640, 640) for i in range(40)}  # 5-row x 32-column blocks of 3-bit dim-1 VQ: 3.5 exactly
+    proxy = {f"w{i}": proxies(np.random.default_rng(i).laplace(0, 0.02, (64, 64))) for i in range(40)}
+    vq = VQConfig(bits=3, dim=1, group_cols=32)
+    assert SQ.paper_bpw(768, 768) == 3.25 and SQ.bpw(768, 768) == 3 + 19 / 128
+    assert vq.bpw_with_rows(640, 640, vq.rows_for_bpw(640, 640, 3.5)) == 3.5
+    plan = plan_for_budget(shapes, proxy, 3.275, SQ, vq, vq_bpw=3.5)
+    assert plan.policy["accounting"] == "paper" and 3.27 <= plan.bpw("paper") <= 3.275
+    assert plan.share()["vq"]["param_share"] == pytest.approx(0.1, abs=0.03)
+
+
+def test_threshold_plan_is_the_papers_rule():
+    shapes, proxy = _model_like_weights()
+    plan = plan_by_thresholds(shapes, proxy, SQ, VQ, tau_c=1.5, tau_f=50)
+    for e in plan.entries:
+        p = proxy[e.name]
+        assert (e.kind == "sq") == (p.coarse < 1.5 and p.fine < 50)
+        assert (e.reasons["score"] >= 1) == (e.kind == "vq")  # the ranking key agrees with the thresholds
+        assert e.reasons["score"] == proxy_score(p, 1.5, 50)
+    assert {e.kind for e in plan.entries} == {"sq", "vq"}
+    lax = plan_by_thresholds(shapes, proxy, SQ, VQ, tau_c=1e9, tau_f=1e300)
+    assert all(e.kind == "sq" for e in lax.entries)  # thresholds are parameters
+
+
+def test_budget_plan_rejects_infeasible_targets():
+    shapes, proxy = _model_like_weights()
+    with pytest.raises(BudgetError, match="below what 3-bit scalar"):
+        plan_for_budget(shapes, proxy, 3.0, SQ, VQ)
     with pytest.raises(BudgetError, match="cannot be met"):
-        plan_for_budget(t, 2.0, ScalarConfig(bits=3), VQConfig(bits=3))
+        plan_for_budget(shapes, proxy, 3.9, SQ, VQ)
+
+
+def test_budget_plan_follows_an_alternative_ranking_for_ablations():
+    shapes = {f"w{i}": (256, 256) for i in range(6)}
+    rng = np.random.default_rng(2)
+    proxy = {n: proxies(rng.standard_normal((64, 64))) for n in shapes}
+    order = {f"w{i}": float(i) for i in range(6)}  # w5 most deserving of VQ
+    plan = plan_for_budget(shapes, proxy, 3.323, SQ, VQ, scores=order)
+    chosen = sorted(int(e.name[1:]) for e in plan.entries if e.kind == "vq")
+    assert chosen and chosen == list(range(6 - len(chosen), 6))
+
+
+def test_vq_baseline_is_held_at_its_target_and_scalar_baseline_picks_a_group():
+    shapes, proxy = _model_like_weights(6)
+    vq_plan = plan_uniform("gptvq", shapes, SQ, VQ, target=3.5)
+    assert all(e.bpw() <= 3.5 for e in vq_plan.entries) and vq_plan.bpw() > 3.4
+    sq_plan = plan_uniform("gptq", shapes, SQ, VQ, target=3.5)
+    assert len({e.config for e in sq_plan.entries}) == 1 and abs(sq_plan.bpw("paper") - 3.5) <= 0.05
 
 
 def test_weighted_elementwise_codebook_beats_unweighted_on_skewed_activations():
@@ -171,19 +221,14 @@ def _all_payloads(h256):
     return out
 
 
-def test_every_payload_round_trips_bit_exactly_and_bpw_matches_bytes(h256, tmp_path):
+def test_payload_bits_are_what_the_config_accounts(h256):
     for name, q in _all_payloads(h256).items():
-        arrays = q.to_arrays()
-        np.savez(tmp_path / f"{name}.npz", **arrays)
-        loaded = dict(np.load(tmp_path / f"{name}.npz"))
-        back = from_arrays(loaded)
-        np.testing.assert_array_equal(back.dequantize(), q.dequantize(), err_msg=name)
-        assert back.to_arrays().keys() == arrays.keys()
-        stored = payload_bits(q)
-        n_arrays = len(arrays) - 1
-        assert total_bits(q) <= stored < total_bits(q) + 8 * n_arrays, name  # only byte padding differs
-        assert bpw(q) == total_bits(q) / np.prod(q.shape)
-        assert stored / np.prod(q.shape) == pytest.approx(bpw(q), abs=8 * n_arrays / np.prod(q.shape))
+        assert bpw(q) == total_bits(q) / np.prod(q.shape), name
+    w = gaussian(64, 256, seed=9)
+    cfg = GPTQConfig(bits=3, group_size=128)
+    q = gptq_quantize(w, h256, cfg)
+    assert total_bits(q) == 64 * 256 * 3 + 64 * 2 * (16 + 3) == cfg.bpw(64, 256) * 64 * 256
+    assert cfg.paper_bpw(64, 256) == 3.25
 
 
 def test_reported_bpw_matches_config_formula(h256):
@@ -192,15 +237,6 @@ def test_reported_bpw_matches_config_formula(h256):
         assert bpw(rtn_quantize(w, None, cfg)) == pytest.approx(cfg.bpw(96, 256))
     cfg = VQConfig(bits=3, dim=2, group_rows=10, group_cols=128)
     assert bpw(kmeans_vq_quantize(w, None, cfg)) == pytest.approx(cfg.bpw(96, 256))
-
-
-def test_pack_bits_round_trip():
-    rng = np.random.default_rng(0)
-    for bits in (1, 2, 3, 4, 6, 8, 12):
-        v = rng.integers(0, 1 << bits, 1001)
-        packed = pack_bits(v, bits)
-        assert packed.nbytes == -(-1001 * bits // 8)
-        np.testing.assert_array_equal(unpack_bits(packed, bits, 1001), v)
 
 
 def test_configs_validate_and_round_trip_json():
@@ -217,13 +253,3 @@ def test_configs_validate_and_round_trip_json():
         GPTQConfig.from_dict({"bits": 3, "groupsize": 64})
     with pytest.raises(ConfigError):
         kmeans_vq_quantize(gaussian(8, 30), None, VQConfig(dim=4))
-
-
-def test_budget_selector_follows_an_alternative_ranking_for_ablations():
-    rng = np.random.default_rng(2)
-    tensors = [TensorInfo(f"w{i}", (768, 768), proxies(rng.standard_normal((64, 64)) * (1 + i))) for i in range(6)]
-    sq, vq = ScalarConfig(bits=3, group_size=64, symmetric=True), VQConfig(bits=3, dim=2)
-    order = {f"w{i}": float(i) for i in range(6)}  # w5 most deserving of VQ
-    plan = plan_for_budget(tensors, 3.26, sq, vq, tau_c=1e9, tau_f=1e300, ranking=order)
-    chosen = sorted(int(e.name[1:]) for e in plan.entries if e.method == "vq")
-    assert chosen and chosen == list(range(6 - len(chosen), 6))

@@ -85,21 +85,29 @@ ROWS = [
     *(_baseline(m, label, b) for m, label in (("rtn", "RTN"), ("awq", "AWQ"), ("kmeans", "k-means VQ"))
       for b in ("3.25", "3.5")),
 ]
+_HYBRID = ("--method", "rwkvquant", "--bpw", "3.275")
 ABLATIONS = [
+    _row("rwkvquant-3.275-rotate-lora", "ablation: RWKVQuant @ 3.275, --rotate-lora", *_HYBRID, "--rotate-lora",
+         ablation=True),
+    _row("gptvq-3.5-authors", "ablation: GPTVQ @ 3.5, the authors' VQ (dim 1, 32 columns, 100 iterations, M-step)",
+         "--method", "gptvq", "--bpw", "3.5", "--vq-dim", "1", "--vq-group-cols", "32", "--kmeans-iters", "100",
+         "--m-step", "on", ablation=True),
+    _row("rwkvquant-3.275-elementwise-unweighted", "ablation: RWKVQuant @ 3.275, element-wise codebooks unweighted",
+         *_HYBRID, "--elementwise-weighting", "none", ablation=True),
     _row("rwkvquant-3.275-elementwise-off", "ablation: RWKVQuant @ 3.275, element-wise vectors in full precision",
-         "--method", "rwkvquant", "--bpw", "3.275", "--elementwise", "off", ablation=True),
-    _row("rwkvquant-3.275-rank-variance", "ablation: RWKVQuant @ 3.275, variance ranking", "--method", "rwkvquant",
-         "--bpw", "3.275", "--ranking", "variance", ablation=True),
-    _row("rwkvquant-3.275-rank-range", "ablation: RWKVQuant @ 3.275, range ranking", "--method", "rwkvquant",
-         "--bpw", "3.275", "--ranking", "range", ablation=True),
-    _row("rwkvquant-3.275-rank-mse", "ablation: RWKVQuant @ 3.275, MSE-based choice", "--method", "rwkvquant",
-         "--bpw", "3.275", "--ranking", "mse", ablation=True),
-    _row("rwkvquant-3.275-rotate-lora", "ablation: RWKVQuant @ 3.275, --rotate-lora", "--method", "rwkvquant",
-         "--bpw", "3.275", "--rotate-lora", ablation=True),
+         *_HYBRID, "--elementwise", "off", ablation=True),
+    _row("rwkvquant-3.275-rank-coarse", "ablation: RWKVQuant @ 3.275, coarse proxy only", *_HYBRID,
+         "--ranking", "coarse", ablation=True),
+    _row("rwkvquant-3.275-rank-fine", "ablation: RWKVQuant @ 3.275, fine proxy only", *_HYBRID,
+         "--ranking", "fine", ablation=True),
+    _row("rwkvquant-3.275-rank-variance", "ablation: RWKVQuant @ 3.275, variance ranking", *_HYBRID,
+         "--ranking", "variance", ablation=True),
+    _row("rwkvquant-3.275-rank-range", "ablation: RWKVQuant @ 3.275, range ranking", *_HYBRID,
+         "--ranking", "range", ablation=True),
     _row("gptq-3.25-rotate-lora", "ablation: GPTQ @ 3.25, --rotate-lora", "--method", "gptq", "--bpw", "3.25",
          "--rotate-lora", ablation=True),
-    _row("gptvq-3.5-dim1", "ablation: GPTVQ @ 3.5, vq dim 1 (authors'), 100 k-means iterations", "--method",
-         "gptvq", "--bpw", "3.5", "--vq-dim", "1", "--kmeans-iters", "100", ablation=True),
+    _row("rwkvquant-3.275-rank-mse", "ablation: RWKVQuant @ 3.275, MSE-based choice", *_HYBRID,
+         "--ranking", "mse", ablation=True),
 ]
 # (a, b, what the comparison asks): b - a, paired over documents, on each text.
 COMPARISONS = [
@@ -109,7 +117,8 @@ COMPARISONS = [
     ("all-vq-3.275", "rwkvquant-3.275", "RWKVQuant @ 3.275 vs the all-VQ planner @ 3.275"),
     ("rwkvquant-3.275", "rwkvquant-3.275-rotate-lora", "--rotate-lora on vs off (RWKVQuant @ 3.275)"),
     ("gptq-3.25", "gptq-3.25-rotate-lora", "--rotate-lora on vs off (GPTQ @ 3.25)"),
-    ("gptvq-3.5", "gptvq-3.5-dim1", "VQ dim 1 / 100 iterations vs dim 2 (GPTVQ @ 3.5)"),
+    ("gptvq-3.5", "gptvq-3.5-authors", "the authors' VQ configuration vs the default (GPTVQ @ 3.5)"),
+    ("rwkvquant-3.275", "rwkvquant-3.275-elementwise-unweighted", "element-wise codebooks unweighted vs weighted"),
     ("rwkvquant-3.275", "rwkvquant-3.275-elementwise-off", "element-wise vectors full precision vs quantized"),
 ]
 TEXTS = ("linuxdoc", "lambada")

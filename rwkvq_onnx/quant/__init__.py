@@ -1,21 +1,22 @@
-"""Quantization algorithms: pure functions on arrays, no ONNX.
+"""Quantization: policy (proxies, plans) and algorithms, pure functions on arrays, no ONNX.
 
-Each method is a config dataclass plus one function `fn(w, h, cfg)`, listed
+Each algorithm is a config dataclass plus one function `fn(w, h, cfg)`, listed
 in `METHODS` (explicit registry). `w` is a weight in `nn.Linear` layout
 [N out, K in]; `h` is the calibration Hessian 2/n X^T X [K, K] (unused by
-RTN and k-means VQ).
+RTN and k-means VQ). `policy` decides a `Plan` (weight -> algorithm and
+config); `apply.apply_plan` turns a plan, weights and statistics into
+`Payloads`, which `rwkvq_onnx.passes` lowers into the graph.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-from .budget import Plan, PlanEntry, TensorInfo, plan_fixed, plan_for_budget, proxy_score
 from .configs import AWQConfig, ElementwiseConfig, GPTQConfig, ScalarConfig, VQConfig
 from .elementwise import elementwise_quantize
-from .formats import (ElementwiseQuantized, ScalarQuantized, VectorQuantized, bpw, from_arrays, model_bpw,
-                      payload_bits, total_bits)
-from .proxy import coarse_proxy, fine_proxy, proxies, select_method
+from .formats import ElementwiseQuantized, Payloads, ScalarQuantized, VectorQuantized, bpw, model_bpw, total_bits
+from .plan import Plan, PlanEntry
+from .proxy import ProxyValues, coarse_proxy, fine_proxy, proxies
 from .scalar import AWQResult, awq_quantize, gptq_quantize, rtn_quantize
 from .vector import gptvq_quantize, kmeans_vq_quantize
 
@@ -39,8 +40,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 __all__ = [
     "METHODS", "Method", "ScalarConfig", "GPTQConfig", "AWQConfig", "VQConfig", "ElementwiseConfig",
-    "ScalarQuantized", "VectorQuantized", "ElementwiseQuantized", "AWQResult", "rtn_quantize", "gptq_quantize",
-    "awq_quantize", "kmeans_vq_quantize", "gptvq_quantize", "elementwise_quantize", "coarse_proxy",
-    "fine_proxy", "proxies", "select_method", "proxy_score", "TensorInfo", "Plan", "PlanEntry", "plan_fixed",
-    "plan_for_budget", "bpw", "total_bits", "payload_bits", "model_bpw", "from_arrays",
+    "ScalarQuantized", "VectorQuantized", "ElementwiseQuantized", "Payloads", "AWQResult", "rtn_quantize",
+    "gptq_quantize", "awq_quantize", "kmeans_vq_quantize", "gptvq_quantize", "elementwise_quantize",
+    "coarse_proxy", "fine_proxy", "proxies", "ProxyValues", "Plan", "PlanEntry", "bpw", "total_bits", "model_bpw",
 ]

@@ -29,11 +29,23 @@ class ConfigBase:
 class ScalarConfig(ConfigBase):
     """Round-to-nearest per-group affine quantization (RTN); base of GPTQ and AWQ.
 
-    group_size 0 means one group per output channel (per-channel).
+    group_size 0 means one group per output channel (per-channel). Asymmetric
+    (min-max) groups by default, as the authors ran GPTQ.
+
+    Bit accounting (`bpw`, what the payload stores): every weight costs `bits`
+    bits of code; every group costs a float16 scale (16 bits) plus, when
+    asymmetric, an integer zero point of `bits` bits (it lies in
+    [0, 2**bits)); symmetric groups store no zero point. With the default
+    3 bits and groups of 128: 3 + (16 + 3) / 128 = 3.1484 bpw.
+
+    `paper_bpw` is the accounting the RWKVQuant paper uses for its "3.25 bpw"
+    3-bit GPTQ: 32 bits of scale and zero point per group (a float16 scale and
+    a float16 zero, as the authors' GPTQ keeps them), so 3 bits in groups of
+    128 cost 3 + 32 / 128 = 3.25. It is never below `bpw`.
     """
 
     bits: int = 3
-    group_size: int = 64
+    group_size: int = 128
     symmetric: bool = False
 
     def __post_init__(self) -> None:
@@ -44,10 +56,16 @@ class ScalarConfig(ConfigBase):
     def effective_group(self, k: int) -> int:
         return k if self.group_size == 0 else min(self.group_size, k)
 
+    def _groups(self, n: int, k: int) -> int:
+        return n * -(-k // self.effective_group(k))
+
     def bpw(self, n: int, k: int) -> float:
-        g = self.effective_group(k)
-        groups = n * -(-k // g)
-        return (n * k * self.bits + groups * (16 + (0 if self.symmetric else self.bits))) / (n * k)
+        """Stored bits per weight of an [n, k] weight: codes + fp16 scales + `bits`-bit zero points."""
+        return (n * k * self.bits + self._groups(n, k) * (16 + (0 if self.symmetric else self.bits))) / (n * k)
+
+    def paper_bpw(self, n: int, k: int) -> float:
+        """The paper's accounting: codes + 16-bit scale + 16-bit zero point per group (no zero if symmetric)."""
+        return (n * k * self.bits + self._groups(n, k) * (16 if self.symmetric else 32)) / (n * k)
 
 
 @dataclass(frozen=True)
@@ -56,7 +74,7 @@ class GPTQConfig(ScalarConfig):
 
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = True
+    act_order: bool = False  # the authors ran GPTQ without act-order
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,6 +100,12 @@ class VQConfig(ConfigBase):
     bits is per weight, so a codebook has 2**(bits*dim) entries; one codebook
     (entries of codebook_bits bits + one fp16 scale) per block of group_rows
     rows x group_cols columns.
+
+    Bit accounting (`bpw`, what the payload stores): `bits` per weight of
+    index, plus per codebook 2**(bits*dim) * dim entries of codebook_bits bits
+    and one 16-bit scale. The paper's accounting is the same (`paper_bpw`).
+    `rows_for_bpw` gives the block height that holds a weight at a cost cap
+    (the paper holds VQ at 3.5 bpw).
     """
 
     bits: int = 3
@@ -110,10 +134,29 @@ class VQConfig(ConfigBase):
     def entries(self) -> int:
         return 1 << (self.bits * self.dim)
 
+    @property
+    def codebook_cost(self) -> int:
+        """Bits of one codebook: its entries and its fp16 scale."""
+        return self.entries * self.dim * self.codebook_bits + 16
+
     def bpw(self, n: int, k: int) -> float:
-        gc = min(self.group_cols, k)
-        books = -(-n // self.group_rows) * -(-k // gc)
-        return (n * k * self.bits + books * (self.entries * self.dim * self.codebook_bits + 16)) / (n * k)
+        """Stored bits per weight of an [n, k] weight: indices + codebooks (entries and scales)."""
+        return self.bpw_with_rows(n, k, self.group_rows)
+
+    def bpw_with_rows(self, n: int, k: int, rows: int) -> float:
+        books = -(-n // rows) * -(-k // min(self.group_cols, k))
+        return (n * k * self.bits + books * self.codebook_cost) / (n * k)
+
+    def paper_bpw(self, n: int, k: int) -> float:
+        return self.bpw(n, k)
+
+    def rows_for_bpw(self, n: int, k: int, max_bpw: float) -> int | None:
+        """The fewest rows per codebook block whose cost stays at or below `max_bpw` (None: not even one
+        codebook per column group fits)."""
+        for rows in range(1, n + 1):
+            if self.bpw_with_rows(n, k, rows) <= max_bpw + 1e-12:
+                return rows
+        return None
 
 
 @dataclass(frozen=True)

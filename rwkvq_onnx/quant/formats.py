@@ -1,38 +1,19 @@
-"""Quantized tensor payloads, their bit accounting and their serialised (numpy) form.
+"""Quantized tensor payloads and their bit accounting.
 
 What is computed is separate from how it is stored: a scalar payload can be
 lowered to QDQ or MatMulNBits, a vector payload to an `rwkvq` op or to
 standard ops, by passes that read these types, never a method's name.
 
 bpw of a tensor = (bits of codes + bits of scales/zero-points + bits of
-codebooks) / number of weights; `to_arrays()` stores exactly those bits
-(codes bit-packed), so `payload_bits()` and `bits()` agree up to the padding
-of each packed array to whole bytes.
+codebooks) / number of weights, as `bits_breakdown()` counts them: the bits a
+payload holds (see the config docstrings in configs.py for what a scale, a
+zero point and a codebook cost).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
-
-
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned integers < 2**bits into a little-endian bit stream of bytes."""
-    v = np.asarray(values, dtype=np.uint64).reshape(-1)
-    if v.size and int(v.max()) >= 1 << bits:
-        raise ValueError(f"value {int(v.max())} does not fit in {bits} bits")
-    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
-    return np.packbits(planes.reshape(-1), bitorder="little")
-
-
-def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of `pack_bits`: the first `count` values."""
-    planes = np.unpackbits(np.asarray(packed, np.uint8), bitorder="little")[: count * bits].reshape(count, bits)
-    return (planes.astype(np.int64) << np.arange(bits)).sum(axis=1)
-
-
-def _meta(*values: int) -> np.ndarray:
-    return np.asarray(values, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -66,23 +47,6 @@ class ScalarQuantized:
         return {"codes": self.codes.size * self.bits, "scales": n_groups * 16,
                 "zeros": 0 if self.symmetric else n_groups * self.bits, "codebooks": 0}
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        arrays = {
-            "meta": _meta(0, *self.shape, self.bits, self.group_size, int(self.symmetric)),
-            "codes": pack_bits(self.codes, self.bits),
-            "scales": self.scales.astype(np.float16),
-        }
-        if not self.symmetric:
-            arrays["zeros"] = pack_bits(self.zeros, self.bits)
-        return arrays
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> "ScalarQuantized":
-        _, n, k, bits, g, sym = (int(x) for x in a["meta"])
-        scales = a["scales"].astype(np.float16)
-        zeros = (np.full(scales.shape, 1 << (bits - 1), np.int64) if sym
-                 else unpack_bits(a["zeros"], bits, scales.size).reshape(scales.shape))
-        return cls(unpack_bits(a["codes"], bits, n * k).reshape(n, k), scales, zeros, bits, g, bool(sym))
 
 
 @dataclass(frozen=True)
@@ -120,25 +84,6 @@ class VectorQuantized:
         return {"codes": self.codes.size * self.index_bits, "scales": self.codebook_scales.size * 16,
                 "zeros": 0, "codebooks": self.codebooks.size * self.codebook_bits}
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        rb, cb_, e, d = self.codebooks.shape
-        return {
-            "meta": _meta(1, *self.shape, self.dim, self.group_rows, self.group_cols, self.index_bits,
-                          self.codebook_bits, rb, cb_, e),
-            "codes": pack_bits(self.codes, self.index_bits),
-            "codebooks": pack_bits(self.codebooks.astype(np.int64) + (1 << (self.codebook_bits - 1)),
-                                   self.codebook_bits),
-            "codebook_scales": self.codebook_scales.astype(np.float16),
-        }
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> "VectorQuantized":
-        _, n, k, d, gr, gc, ib, cbits, rb, cbn, e = (int(x) for x in a["meta"])
-        cb = unpack_bits(a["codebooks"], cbits, rb * cbn * e * d) - (1 << (cbits - 1))
-        return cls(unpack_bits(a["codes"], ib, n * k // d).reshape(n, k // d),
-                   cb.reshape(rb, cbn, e, d).astype(np.int8 if cbits <= 8 else np.int16),
-                   a["codebook_scales"].astype(np.float16),
-                   (n, k), d, gr, gc, ib, cbits)
 
 
 @dataclass(frozen=True)
@@ -157,25 +102,9 @@ class ElementwiseQuantized:
         return {"codes": self.codes.size * self.index_bits, "scales": 0, "zeros": 0,
                 "codebooks": self.codebook.size * 16}
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"meta": _meta(2, self.index_bits, len(self.shape), *self.shape),
-                "codes": pack_bits(self.codes, self.index_bits),
-                "codebook": self.codebook.astype(np.float16)}
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> "ElementwiseQuantized":
-        meta = [int(x) for x in a["meta"]]
-        bits, shape = meta[1], tuple(meta[3:3 + meta[2]])
-        return cls(unpack_bits(a["codes"], bits, int(np.prod(shape))), a["codebook"].astype(np.float16), shape, bits)
 
 
 Quantized = ScalarQuantized | VectorQuantized | ElementwiseQuantized
-_KINDS = {0: ScalarQuantized, 1: VectorQuantized, 2: ElementwiseQuantized}
-
-
-def from_arrays(arrays: dict[str, np.ndarray]) -> Quantized:
-    """Rebuild any payload from its `to_arrays()` form."""
-    return _KINDS[int(arrays["meta"][0])].from_arrays(arrays)
 
 
 def numel(q: Quantized) -> int:
@@ -189,11 +118,6 @@ def total_bits(q: Quantized) -> int:
 
 def bpw(q: Quantized) -> float:
     return total_bits(q) / numel(q)
-
-
-def payload_bits(q: Quantized) -> int:
-    """Bits actually stored by `to_arrays()` (metadata excluded)."""
-    return sum(a.nbytes * 8 for name, a in q.to_arrays().items() if name != "meta")
 
 
 def model_bpw(payloads: dict[str, Quantized]) -> float:

@@ -5,12 +5,6 @@ import numpy as np
 import torch
 
 
-def hessian_from_inputs(x: np.ndarray) -> np.ndarray:
-    """H = 2/n X^T X for calibration inputs x [n, K] of one linear layer."""
-    x = torch.as_tensor(np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1]))
-    return (2.0 / x.shape[0] * x.T @ x).numpy()
-
-
 def prepare(w: np.ndarray, h: np.ndarray, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """W as float64 with dead input columns zeroed, and the upper Cholesky factor of the damped H^-1.
 

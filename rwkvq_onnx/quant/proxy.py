@@ -1,19 +1,28 @@
-"""RWKVQuant's coarse-to-fine proxy: is a weight matrix uniform enough for scalar quantization?
+"""RWKVQuant's coarse-to-fine proxy, computed as the authors' code computes it.
 
-Both proxies look at the distribution of gaps between consecutive distinct
-sorted weight values, normalised to sum to one (G, n = len(G)):
+Input: the weight's values as float16 (the authors' models run in fp16),
+flattened and sorted. The statistic is the SET of distinct gaps between
+neighbouring sorted values, `G = unique(diff(sort(W)))` (differences taken
+exactly, on the fp16 values widened to float64), normalised to sum to one,
+with a leading zero gap (repeated values) dropped; n = len(G). On the fp16
+grid that is a few dozen numbers even for a 768x768 matrix: it measures how
+irregular the spacing steps of the weight grid are, not the spacing of every
+pair of weights.
 
-- coarse: P_c = log(n) + sum(G log G), the entropy deficit of G; zero when
-  the values are evenly spaced (uniform), large when spacing varies a lot
-  (dense centre and sparse tails, as in Gaussian/Laplacian weights);
-- fine: P_f = n^2/2 |E(G-1/n)^2| + n^3/6 |E(G-1/n)^3| + n^4/12 |E(G-1/n)^4|,
-  weighted high-order central moments that local outliers inflate.
+- coarse: P_c = log(n) + sum(G log G), the entropy deficit of G (0 when all
+  distinct gaps are equal);
+- fine: with c = G - 1/n,
+  P_f = n^2/2 |mean c^2| + n^3/6 |mean c^3| + n^4/12 |mean c^4|,
+  weighted central moments that a few outlying gaps inflate.
 
-Uniform and outlier-free (P_c < tau_c and P_f < tau_f) -> scalar (GPTQ);
-otherwise vector (GPTVQ). Paper thresholds: tau_c = 1.5, tau_f = 50.
+Uniform and outlier-free (P_c < tau_c and P_f < tau_f) -> scalar
+quantization; otherwise vector quantization. Paper thresholds: tau_c = 1.5,
+tau_f = 50. `tests/test_proxy_oracle.py` checks these functions against the
+authors' values in `../shared/fixtures/official-proxy-values.json`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,25 +32,21 @@ TAU_F = 50.0
 
 
 def weight_gaps(w: np.ndarray) -> np.ndarray:
-    """Normalised gaps between consecutive distinct sorted values of `w`."""
-    v = np.unique(np.asarray(w, np.float64).reshape(-1))  # sorted, distinct
-    gaps = np.diff(v)
-    gaps = gaps[gaps > 0]
+    """The normalised set of distinct neighbour gaps of `w` as float16 values (leading zero dropped)."""
+    v = np.sort(np.asarray(w, np.float32).astype(np.float16).reshape(-1)).astype(np.float64)
+    gaps = np.unique(np.diff(v))  # sorted ascending, distinct
     total = gaps.sum()
-    return gaps / total if total > 0 else gaps
+    if total <= 0:
+        return np.zeros(0)
+    gaps = gaps / total
+    return gaps[1:] if gaps[0] == 0 else gaps
 
 
-def coarse_proxy(w: np.ndarray) -> float:
-    """Entropy deficit log(n) - H(G) of the gap distribution (0 = perfectly uniform spacing)."""
-    g = weight_gaps(w)
-    if g.size < 2:
-        return 0.0
-    return float(np.log(g.size) + np.sum(g * np.log(g)))
+def _coarse(g: np.ndarray) -> float:
+    return math.log(g.size) + float(np.sum(g * np.log(g))) if g.size >= 2 else 0.0
 
 
-def fine_proxy(w: np.ndarray) -> float:
-    """Weighted 2nd-4th central moments of the gap distribution (local outliers raise it)."""
-    g = weight_gaps(w)
+def _fine(g: np.ndarray) -> float:
     n = g.size
     if n < 2:
         return 0.0
@@ -50,17 +55,30 @@ def fine_proxy(w: np.ndarray) -> float:
                  + n ** 4 / 12 * abs(np.mean(c ** 4)))
 
 
+def coarse_proxy(w: np.ndarray) -> float:
+    """P_c: entropy deficit log(n) - H(G) of the distinct-gap set (0 = perfectly regular grid)."""
+    return _coarse(weight_gaps(w))
+
+
+def fine_proxy(w: np.ndarray) -> float:
+    """P_f: weighted 2nd-4th central moments of the distinct-gap set (outlying gaps raise it)."""
+    return _fine(weight_gaps(w))
+
+
 @dataclass(frozen=True)
 class ProxyValues:
+    """Both proxies of one weight and the size n of its distinct-gap set."""
+
     coarse: float
     fine: float
+    n: int = 0
+
+    def prefers_scalar(self, tau_c: float = TAU_C, tau_f: float = TAU_F) -> bool:
+        """The paper's decision: scalar quantization iff both proxies are below their thresholds."""
+        return self.coarse < tau_c and self.fine < tau_f
 
 
 def proxies(w: np.ndarray) -> ProxyValues:
-    return ProxyValues(coarse_proxy(w), fine_proxy(w))
-
-
-def select_method(w: np.ndarray | ProxyValues, tau_c: float = TAU_C, tau_f: float = TAU_F) -> str:
-    """'sq' when the weights are uniform and outlier-free under both proxies, else 'vq'."""
-    p = w if isinstance(w, ProxyValues) else proxies(w)
-    return "sq" if p.coarse < tau_c and p.fine < tau_f else "vq"
+    """P_c, P_f and n of a weight (one pass over its sorted fp16 values)."""
+    g = weight_gaps(w)
+    return ProxyValues(_coarse(g), _fine(g), int(g.size))
