@@ -24,17 +24,19 @@ def _tool():
 
 
 @pytest.mark.slow  # three rows quantized and scored, one re-run from its printed command: ~1 min alone
-def test_table_rows_intervals_and_reproducible_commands(tiny_ckpt, tmp_path, capsys):
+def test_table_rows_intervals_and_reproducible_commands(tiny_ckpt, tmp_path, capsys, monkeypatch):
     tool = _tool()
+    monkeypatch.setattr(tool, "COMPARISONS", [("gptq-3.5", "gptvq-3.5", "GPTVQ vs GPTQ (test)")])
     out = tmp_path / "q"
     tool.main([str(tiny_ckpt), "--calib", str(shared_file("data", "linuxdoc-calib.txt")),
                "--eval", str(shared_file("data", "linuxdoc-val.txt")),
                "--lambada", str(shared_file("data", "lambada_test.jsonl")), "--lambada-docs", "4",
                "--max-docs", "3", "--nsamples", "4", "--seqlen", "32",
-               "--only", "gptq-3.5,gptvq-3.5,rwkvquant-3.275", "--out", str(out)])
+               "--only", "gptq-3.5,gptvq-3.5,rwkvquant-thresholds", "--extra-flags", "--vq-dim 1",
+               "--out", str(out)])
     table = json.loads((out / "table.json").read_text())
     rows = {r["key"]: r for r in table["rows"]}
-    assert set(rows) == {"gptq-3.5", "gptvq-3.5", "rwkvquant-3.275"}
+    assert set(rows) == {"gptq-3.5", "gptvq-3.5", "rwkvquant-thresholds"}
     for r in rows.values():
         assert "error" not in r, r
         s = r["shares"]
@@ -47,21 +49,20 @@ def test_table_rows_intervals_and_reproducible_commands(tiny_ckpt, tmp_path, cap
             assert x["mean_kl"] > 0 and 0 < x["top1"] <= 1
     assert rows["gptq-3.5"]["shares"]["vq"]["tensors"] == 0
     assert rows["gptvq-3.5"]["shares"]["sq"]["tensors"] == 0
-    assert {(c["a"], c["b"]) for c in table["comparisons"]} == {("gptq-3.5", "rwkvquant-3.275"),
-                                                                ("gptvq-3.5", "rwkvquant-3.275")}
+    assert [(c["a"], c["b"]) for c in table["comparisons"]] == [("gptq-3.5", "gptvq-3.5")]
     md = (out / "table.md").read_text()
     assert md.count("\n| ") == 2 + 3 + 1  # header, rule, fp32 and three rows... plus nothing else
-    assert "RWKVQuant @ 3.275 vs GPTQ @ 3.5" in md
+    assert "GPTVQ vs GPTQ (test)" in md
 
     # The printed command lines reproduce the row: same model bytes, same bits-per-byte.
-    row = rows["rwkvquant-3.275"]
+    row = rows["rwkvquant-thresholds"]
     argv = row["quantize_command"].split()[1:]
     again = tmp_path / "again.onnx"
     argv[argv.index("-o") + 1] = str(again)
     argv[argv.index("--report") + 1] = str(tmp_path / "again.json")
     assert row["quantize_command"] in md
     assert cli_main(argv) == 0
-    assert again.read_bytes() == (out / "rwkvquant-3.275.onnx").read_bytes()
+    assert again.read_bytes() == (out / "rwkvquant-thresholds.onnx").read_bytes()
     capsys.readouterr()
     assert cli_main(row["eval_commands"]["lambada"].split()[1:]) == 0
     printed = capsys.readouterr().out

@@ -142,8 +142,10 @@ def quantize_argv(args: argparse.Namespace, fp: Path, row: Row) -> list[str]:
     """The exact `rwkvq-onnx quantize` arguments of a row."""
     out = args.out / f"{row.key}.onnx"
     common = ["--calib", str(args.calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-              "--seed", str(args.seed)] + ([] if args.custom_ops else ["--lower-vq"])
-    return ["quantize", str(fp), "-o", str(out), *row.flags, *common, "--report", str(args.out / f"{row.key}.json")]
+              "--seed", str(args.seed), "--bpw-accounting", args.bpw_accounting] + (
+        [] if args.custom_ops else ["--lower-vq"])
+    return ["quantize", str(fp), "-o", str(out), *row.flags, *shlex.split(args.extra_flags), *common,
+            "--report", str(args.out / f"{row.key}.json")]
 
 
 def eval_argvs(args: argparse.Namespace, model: str) -> dict[str, list[str]]:
@@ -250,7 +252,8 @@ def render(args: argparse.Namespace, fp_row: dict, rows: list[dict], comparisons
             f"passages. Δ: quantized minus fp32 bits-per-byte as a share of fp32's, with a paired-bootstrap 95% "
             f"interval over documents (byte-weighted, 2000 resamples); KL: mean KL(fp32 || q) per token in nats; "
             f"top-1: share of positions where q's most likely next token is fp32's. bpw: stored bits per linear "
-            f"weight; paper bpw: the paper's accounting (32 bits of scale and zero per scalar group). SQ/VQ: "
+            f"weight; paper bpw: the paper's accounting (32 bits of scale and zero per scalar group); --bpw "
+            f"targets count in {args.bpw_accounting} accounting. SQ/VQ: "
             f"tensors and share of linear-weight parameters.")
     lines = [head, "",
              "| row | bpw | paper bpw | SQ / VQ tensors | VQ params | linuxdoc bpb | Δ linuxdoc [95% CI] | KL | "
@@ -309,6 +312,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=1,
                     help="rows quantized and scored in parallel worker processes (default 1); results do not "
                          "depend on it")
+    ap.add_argument("--bpw-accounting", choices=("paper", "stored"), default="paper",
+                    help="how every row's --bpw counts scalar groups: the paper's 32 bits of scale and zero per "
+                         "group, or the bits stored (default: paper, so 3.25 / 3.275 / 3.5 mean the paper's)")
+    ap.add_argument("--extra-flags", default="",
+                    help="quantize flags added to every row, e.g. \"--vq-dim 1\" for 64-wide models, whose 32x64 "
+                         "LoRA matrices cannot hold a dim-2 codebook at 3.5 bpw (default: none)")
     ap.add_argument("--custom-ops", action="store_true",
                     help="evaluate the rwkvq-op graphs instead of their standard-op lowering (default: lowering)")
     ap.add_argument("--out", type=Path, default=Path("quality"), help="output folder (default ./quality)")
