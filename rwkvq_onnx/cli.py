@@ -111,7 +111,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         elementwise_bits=args.elementwise_bits, fold_elementwise=args.fold_elementwise, sq_format=args.sq_format,
         lower_vq=args.lower_vq, tokenizer=args.tokenizer, ranking=args.ranking,
         embedding_bits=args.embedding_bits, head_bits=args.head_bits,
-        head_accuracy_level=args.head_accuracy_level, recipe=str(args.recipe) if args.recipe else None)
+        head_accuracy_level=args.head_accuracy_level, recipe=str(args.recipe) if args.recipe else None,
+        rotate_lora=args.rotate_lora, elementwise_weighted=args.elementwise_weighting == "activations")
     result = quantize_model(args.model, args.output, opts, args.report)
     t = result.report["totals"]
     for path in result.outputs:
@@ -338,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--head-accuracy-level", type=int, choices=(0, 4), default=4,
                    help="MatMulNBits accuracy_level of the head: 4 (default) quantizes its input to int8 per "
                         "block, onnxruntime's fast CPU path; 0 computes in float (several times slower)")
+    q.add_argument("--elementwise-weighting", choices=("activations", "none"), default="activations",
+                   help="element-wise codebooks fit weighted by the mean squared activation each entry multiplies, "
+                        "or unweighted at the same bits (an ablation) (default: activations)")
+    q.add_argument("--rotate-lora", action="store_true",
+                   help="fold a seeded Hadamard rotation into RWKV-7's linear-only LoRA pairs (a1/a2, v1/v2) "
+                        "before calibration; same fp function, flatter weights (default: off)")
     q.add_argument("--tokenizer", default="auto",
                    help=TOKENIZER_HELP)
     q.add_argument("--report", type=Path, help="write the per-tensor JSON report here (default: none)")

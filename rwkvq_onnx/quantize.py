@@ -40,6 +40,7 @@ from .quant.formats import Payloads
 from .quant.plan import ALGORITHM_CONFIG, Plan
 from .quant.policy import (ACCOUNTINGS, RANKINGS, mse_gain, plan_by_thresholds, plan_for_budget, plan_uniform,
                            ranking_scores, weight_proxies)
+from .quant.rotate import rotate_lora
 from .tokenizers import get_tokenizer
 
 POLICIES = ("rwkvquant", *ALGORITHM_CONFIG)
@@ -78,6 +79,8 @@ class QuantizeOptions:
     lower_vq: bool = False
     tokenizer: str | None = None
     ranking: str = "proxy"  # ablations: coarse | fine | variance | range | mse
+    elementwise_weighted: bool = True  # False: plain k-means codebooks (ablation of the activation weighting)
+    rotate_lora: bool = False  # Hadamard-rotate RWKV-7's a1/a2 and v1/v2 LoRA pairs before calibration
     embedding_bits: int | None = None  # 8: int8 embedding rows (kept in full precision when None)
     head_bits: int | None = None  # 4 or 8: MatMulNBits head (kept in full precision when None)
     head_accuracy_level: int = 4  # MatMulNBits accuracy_level of the head: 4 int8 activations (fast), 0 float
@@ -131,7 +134,8 @@ class QuantizeOptions:
         return self.bpw if self.method in ("gptvq", "kmeans") else self.vq_bpw
 
     def elementwise_config(self) -> ElementwiseConfig:
-        return ElementwiseConfig(bits=self.elementwise_bits, percentile=self.elementwise_percentile)
+        return ElementwiseConfig(bits=self.elementwise_bits, percentile=self.elementwise_percentile,
+                                 weighted=self.elementwise_weighted)
 
 
 def options_json(opts: QuantizeOptions) -> dict:
@@ -237,6 +241,15 @@ def _apply_sequentially(model: onnx.ModelProto, plan: Plan, weights: dict[str, n
     return payloads, stats
 
 
+def rotate_model_lora(model: onnx.ModelProto, seed: int) -> list[str]:
+    """Fold the Hadamard rotation of the linear-only LoRA pairs into the graph's initializers (see quant/rotate.py)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    rotated = rotate_lora(inits, seed)
+    for name, array in rotated.items():
+        set_initializer(model, name, array)
+    return sorted(rotated)
+
+
 def initializer_bytes(model: onnx.ModelProto, prefix_names: set[str] | None = None) -> int:
     total = 0
     for t in model.graph.initializer:
@@ -294,6 +307,8 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
     props = {p.key: p.value for p in model.metadata_props}
     if props.get(GRAPH_KEY) == "step":
         raise ConfigError("quantize needs the sequence graph (OUT.onnx), not the step graph", in_path)
+    if opts.rotate_lora:
+        log(f"rotate-lora: {len(rotate_model_lora(model, opts.seed))} LoRA matrices rotated")
     linear, elementwise = find_targets(model)
     if not opts.use_elementwise():
         elementwise = []
@@ -326,6 +341,8 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
     sibling = step_path(in_path)
     if sibling.is_file():
         graphs.append((onnx.load(sibling), step_path(out_path)))
+        if opts.rotate_lora:
+            rotate_model_lora(graphs[-1][0], opts.seed)
     meta = {"method": opts.method, "bpw": model_bpw(payloads.linear), "options": options_json(opts)}
     results = lower_payloads([g for g, _ in graphs], payloads, lowering_options(opts), log=log)
     for g, _ in graphs:
