@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from .quantize import QuantizeOptions, plan_summary, quantize_model
+    from .quantize import QuantizeOptions, quantize_model
 
     opts = QuantizeOptions(
         method=args.method, bpw=args.bpw, bpw_accounting=args.bpw_accounting, wbits=args.wbits,
@@ -120,7 +120,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     target = "" if t["bpw_target"] is None else f", target {t['bpw_target']} ({t['bpw_accounting']} accounting)"
     methods = ", ".join(f"{n} {m}" for m, n in sorted(t["methods"].items()))
     print(f"{t['quantized_tensors']} tensors, {t['quantized_weights'] / 1e6:.2f}M weights: {methods}")
-    print(plan_summary(result.plan))
     print(f"bpw {t['bpw']:.4f} stored, {t['bpw_paper']:.4f} as the paper counts{target}")
     print(f"stored {t['quantized_weights_stored_bits_per_weight']:.3f} bits/weight in the graph "
           f"({t['quantized_weights_ratio_to_fp16']:.3f} x fp16); embedding+head "

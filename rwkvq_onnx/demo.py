@@ -1,6 +1,8 @@
 """The README's first command: the whole pipeline on a built-in synthetic RWKV-7."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from importlib import resources
 from pathlib import Path
 
@@ -82,6 +84,7 @@ def run_demo(out: Path, n_layer: int = 4, n_embd: int = 128, seed: int = 0) -> d
     print("      (the weights are random, so this is noise; bytes that are not printable UTF-8 are shown as \\xNN)")
     print(f"      {gen.speed_line()}")
 
+    from .errors import BudgetError
     from .quantize import QuantizeOptions, quantize_model
 
     calib = out / "calib.txt"
@@ -90,8 +93,14 @@ def run_demo(out: Path, n_layer: int = 4, n_embd: int = 128, seed: int = 0) -> d
     opts = QuantizeOptions(bpw=3.275, calib=str(calib), nsamples=8, seqlen=128, progress=True)
     print(f"[6/6] quantizing with RWKVQuant to {opts.bpw} bpw (calibration: {opts.nsamples} windows x "
           f"{opts.seqlen} tokens; about a minute on two busy cores)...", flush=True)
-    result = quantize_model(onnx_path, q_path, opts, out / "quantize-report.json",
-                            log=lambda line: print(f"      {line}", flush=True))
+    log = lambda line: print(f"      {line}", flush=True)  # noqa: E731
+    try:
+        result = quantize_model(onnx_path, q_path, opts, out / "quantize-report.json", log=log)
+    except BudgetError as exc:  # a model this small has too few weights to land within 0.005 of the target
+        print(f"      {exc}\n      -> too few weights to land on {opts.bpw} bpw: using the paper's thresholds "
+              f"(tau_c {opts.tau_c}, tau_f {opts.tau_f}) instead", flush=True)
+        opts = replace(opts, bpw=None)
+        result = quantize_model(onnx_path, q_path, opts, out / "quantize-report.json", log=log)
     q_session = RwkvSession(q_path)
     q_text = evaluate_text(q_session, tokenizer, [sample_text()], progress=False)
     totals = result.report["totals"]

@@ -330,6 +330,7 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
         stats = _identity_stats(weights)
 
     plan = recipe if recipe is not None else make_plan(opts, weights, stats, list(vectors))
+    log(plan_summary(plan))
     if opts.sequential and windows is not None:
         payloads, stats = _apply_sequentially(model, plan, weights, windows, linear, elementwise, log)
         payloads = _merge(payloads, apply_plan(replace(plan, entries=()), {}, {}, vectors, stats.act_sq))

@@ -125,7 +125,7 @@ def test_report_html_shows_the_decisions(tmp_path, tiny_ckpt):
     calib.write_text((GOLDEN_TEXT.decode() + " ") * 30)
     fp, q = tmp_path / "fp.onnx", tmp_path / "q.onnx"
     assert main(["export", str(tiny_ckpt), "-o", str(fp)]) == 0
-    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.3", "--calib", str(calib), "--nsamples", "2",
+    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.3", "--sym", "sym", "--calib", str(calib), "--nsamples", "2",
                  "--seqlen", "64", "--report", str(tmp_path / "q.json")]) == 0
     out = tmp_path / "r.html"
     assert main(["report", str(tmp_path / "q.json"), "-o", str(out)]) == 0

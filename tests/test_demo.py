@@ -22,7 +22,8 @@ def test_demo_shows_quantize_progress_and_ends_with_next_commands(tmp_path, caps
     assert main(["demo", "--out", str(tmp_path / "demo"), "--layers", "1", "--embd", "64"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     text = "\n".join(lines)
-    assert "quantizing with RWKVQuant" in text and "      select-methods:" in text and "      calibration:" in text
+    assert "quantizing with RWKVQuant" in text and "      calibration:" in text
+    assert "      plan (rwkvquant" in text and "      rewrite-vector:" in text
     assert "{" not in text.split("[6/6] quantized", 1)[1]  # no raw dict of methods
     generated = [l for l in lines if l.startswith("[5/6] generate")][0]
     assert generated.isprintable() and "noise" in text

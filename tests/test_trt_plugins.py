@@ -33,7 +33,7 @@ def quantized(tiny_ckpt, tmp_path_factory):
     fp = d / "fp.onnx"
     assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both"]) == 0
     q = d / "q.onnx"
-    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.5", "--calib", str(calib), "--nsamples", "4",
+    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.275", "--calib", str(calib), "--nsamples", "4",
                  "--seqlen", "64", "--sym", "sym"]) == 0
     return fp, q
 
@@ -320,7 +320,7 @@ def test_fp16_graph_gives_the_plugins_fp16_not_the_float32_of_the_onnx_op(tiny_c
     calib = tmp_path / "calib.txt"
     calib.write_text((GOLDEN_TEXT.decode() + " ") * 20)
     q = tmp_path / "q16.onnx"
-    assert main(["quantize", str(fp16), "-o", str(q), "--bpw", "3.5", "--calib", str(calib), "--nsamples", "2",
+    assert main(["quantize", str(fp16), "-o", str(q), "--bpw", "3.275", "--calib", str(calib), "--nsamples", "2",
                  "--seqlen", "32", "--sym", "sym"]) == 0
     model = onnx.load(step_path(q))
     producers = {o: n for n in model.graph.node for o in n.output}

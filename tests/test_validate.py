@@ -34,7 +34,7 @@ def models(tiny_ckpt, tmp_path_factory):
     fp = d / "fp.onnx"
     assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both"]) == 0
     q = d / "q.onnx"
-    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.275", "--calib", str(calib), "--nsamples", "4",
+    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.275", "--sym", "sym", "--calib", str(calib), "--nsamples", "4",
                  "--seqlen", "64"]) == 0
     bad = d / "bad.onnx"
     scramble_codes(q, bad)
