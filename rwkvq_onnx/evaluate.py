@@ -113,13 +113,10 @@ class TextResult:
     bits_per_byte: float
 
 
-def evaluate_text(session: RwkvSession, tokenizer: Tokenizer, docs: Iterable[str],
-                  progress: bool = True) -> TextResult:
-    """Perplexity and bits-per-byte over documents, each from the zero state.
-
-    Progress counts predicted tokens (with tqdm's rate and time left); memory holds one piece of
-    MAX_CHUNK tokens' logits at a time, however long a document is.
-    """
+def encode_documents(tokenizer: Tokenizer, docs: Iterable[str]) -> list[tuple[list[int], int]]:
+    """(tokens, bytes scored) per document, as bits-per-byte counts them: with a BOS token every byte is
+    predicted; without one the first token is context only, so its bytes are not scored. Documents under two
+    tokens are dropped; none left is an error."""
     encoded = []
     for doc in docs:
         toks = tokenizer.encode(doc)
@@ -131,6 +128,17 @@ def evaluate_text(session: RwkvSession, tokenizer: Tokenizer, docs: Iterable[str
             encoded.append((toks, len(doc.encode("utf-8")) - skip_bytes))
     if not encoded:
         raise CalibrationError("no document is long enough to evaluate (need 2 tokens)")
+    return encoded
+
+
+def evaluate_text(session: RwkvSession, tokenizer: Tokenizer, docs: Iterable[str],
+                  progress: bool = True) -> TextResult:
+    """Perplexity and bits-per-byte over documents, each from the zero state.
+
+    Progress counts predicted tokens (with tqdm's rate and time left); memory holds one piece of
+    MAX_CHUNK tokens' logits at a time, however long a document is.
+    """
+    encoded = encode_documents(tokenizer, docs)
     nll, n_tok, n_bytes = 0.0, 0, 0
     with tqdm(total=sum(len(t) - 1 for t, _ in encoded), desc=f"eval text ({len(encoded)} docs)", unit="tok",
               unit_scale=True, disable=None if progress else True) as bar:

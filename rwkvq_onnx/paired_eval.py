@@ -27,8 +27,7 @@ from typing import Iterable
 import numpy as np
 
 from .agreement import PairedInterval, agreement, log_softmax, paired_bootstrap
-from .errors import CalibrationError
-from .evaluate import sequence_logits
+from .evaluate import encode_documents, sequence_logits
 from .runtime import RwkvSession
 from .tokenizers import Tokenizer
 
@@ -44,20 +43,8 @@ class ScoredDocument:
 
 def score_documents(tokenizer: Tokenizer, docs: Iterable[str]) -> list[ScoredDocument]:
     """Tokenize documents the way `evaluate_text` does; documents under two tokens are dropped."""
-    out = []
-    for doc in docs:
-        toks = tokenizer.encode(doc)
-        if tokenizer.bos is not None:
-            toks, skip_bytes = [tokenizer.bos] + toks, 0
-        else:
-            skip_bytes = len(tokenizer.decode(toks[:1]).encode("utf-8"))
-        if len(toks) < 2:
-            continue
-        out.append(ScoredDocument(np.asarray(toks[:-1], np.int64), np.asarray(toks[1:], np.int64),
-                                  len(doc.encode("utf-8")) - skip_bytes))
-    if not out:
-        raise CalibrationError("no document is long enough to evaluate (need 2 tokens)")
-    return out
+    return [ScoredDocument(np.asarray(toks[:-1], np.int64), np.asarray(toks[1:], np.int64), n_bytes)
+            for toks, n_bytes in encode_documents(tokenizer, docs)]
 
 
 def _nll_bits(logp: np.ndarray, targets: np.ndarray) -> float:

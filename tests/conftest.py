@@ -62,3 +62,19 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny7.pth"
     save_checkpoint(synthetic_rwkv7(synthetic_rwkv7_config(2, 64, 256, head_size=32), seed=1), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sym_quantized(tiny_ckpt, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The tiny RWKV-7 exported (both graphs) and quantized with RWKVQuant at 3.275 bpw, symmetric scalar groups
+    (what TensorRT takes): (fp.onnx, q.onnx, calibration text). Shared read-only by the deployment tests."""
+    from rwkvq_onnx.cli import main
+
+    d = tmp_path_factory.mktemp("tiny-sym-quantized")
+    calib = d / "calib.txt"
+    calib.write_text((GOLDEN_TEXT.decode() + " ") * 40)
+    fp, q = d / "fp.onnx", d / "q.onnx"
+    assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both"]) == 0
+    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.275", "--calib", str(calib), "--nsamples", "4",
+                 "--seqlen", "64", "--sym", "sym"]) == 0
+    return fp, q, calib

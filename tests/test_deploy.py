@@ -27,16 +27,9 @@ KERNELS = ["rwkvq_vq_gemv", "rwkvq_vq_gemv_smem", "rwkvq_vq_gemv_smem_batch", "r
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_ckpt, tmp_path_factory):
+def quantized(tiny_sym_quantized):
     """A tiny RWKV-7 exported (both graphs) and quantized with RWKVQuant, symmetric SQ (TensorRT-ready)."""
-    d = tmp_path_factory.mktemp("deploy")
-    calib = d / "calib.txt"
-    calib.write_text((GOLDEN_TEXT.decode() + " ") * 40)
-    fp = d / "fp.onnx"
-    assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both"]) == 0
-    q = d / "q.onnx"
-    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.275", "--calib", str(calib), "--nsamples", "4",
-                 "--seqlen", "64", "--sym", "sym"]) == 0
+    fp, q, calib = tiny_sym_quantized
     return fp, q, calib
 
 

@@ -25,16 +25,9 @@ DTYPES = trt_stub.DataType
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_ckpt, tmp_path_factory):
+def quantized(tiny_sym_quantized):
     """A tiny RWKV-7 exported (both graphs) and quantized with RWKVQuant, symmetric (TensorRT-ready)."""
-    d = tmp_path_factory.mktemp("trt")
-    calib = d / "calib.txt"
-    calib.write_text((GOLDEN_TEXT.decode() + " ") * 40)
-    fp = d / "fp.onnx"
-    assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both"]) == 0
-    q = d / "q.onnx"
-    assert main(["quantize", str(fp), "-o", str(q), "--bpw", "3.275", "--calib", str(calib), "--nsamples", "4",
-                 "--seqlen", "64", "--sym", "sym"]) == 0
+    fp, q, calib = tiny_sym_quantized
     return fp, q
 
 
