@@ -66,3 +66,16 @@ def test_table_rows_intervals_and_reproducible_commands(tiny_ckpt, tmp_path, cap
     assert cli_main(row["eval_commands"]["lambada"].split()[1:]) == 0
     printed = capsys.readouterr().out
     assert f"bits-per-byte {row['texts']['lambada']['bits_per_byte']:.4f}" in printed
+
+
+def test_the_tool_refuses_calibration_text_that_overlaps_the_evaluation_text(tmp_path):
+    tool = _tool()
+    words = " ".join(f"word{i % 97} token{i % 89}" for i in range(4000))
+    calib, same_text, other = tmp_path / "calib.txt", tmp_path / "copy.txt", tmp_path / "other.txt"
+    calib.write_text(words)
+    same_text.write_text(words[1000:])
+    other.write_text(" ".join(f"other{i % 83} prose{i % 79}" for i in range(4000)))
+    for evaluation in (calib, same_text):
+        with pytest.raises(SystemExit, match="refusing"):
+            tool.check_no_overlap(calib, evaluation)
+    tool.check_no_overlap(calib, other)  # disjoint: accepted

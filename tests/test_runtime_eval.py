@@ -147,7 +147,8 @@ def test_readme_demo_command_runs(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "[5/6] generate" in out.stdout and "tokens/s" in out.stdout
-    assert "[6/6] quantized with RWKVQuant to 3.27" in out.stdout
+    line = [l for l in out.stdout.splitlines() if l.startswith("[6/6] quantized with RWKVQuant to ")][0]
+    assert 3.295 <= float(line.split(" to ")[1].split()[0]) <= 3.3  # landed on the target, no fallback
     err_line = [l for l in out.stdout.splitlines() if "max |logit difference|" in l][0]
     assert float(err_line.split("difference| ")[1].split()[0]) < 1e-4
     assert (tmp_path / "demo" / "synthetic-rwkv7.step.onnx").is_file()

@@ -129,7 +129,8 @@ def weight_bytes(model: Path) -> int:
     return total
 
 
-def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -> dict[str, Path]:
+def export_variants(shape: str, workdir: Path, seed: int, variants: list[str],
+                    rwkvquant_bpw: float = 3.275) -> dict[str, Path]:
     """Model files of the variants (made once, reused from workdir); a derived variant's source is made too
     but measured only when asked for."""
     from rwkvq_onnx.export import export
@@ -163,7 +164,8 @@ def export_variants(shape: str, workdir: Path, seed: int, variants: list[str]) -
 
             calib = workdir / "calib.txt"
             calib.write_text(sample_text() * 20)
-            opts = QuantizeOptions(calib=str(calib), nsamples=8, seqlen=128, seed=seed, **QUANTIZED[v])
+            options = {**QUANTIZED[v], **({"bpw": rwkvquant_bpw} if QUANTIZED[v]["method"] == "rwkvquant" else {})}
+            opts = QuantizeOptions(calib=str(calib), nsamples=8, seqlen=128, seed=seed, **options)
             print(f"quantizing {path} ...", file=sys.stderr)
             t0 = time.perf_counter()
             quantize_model(paths["fp32"], path, opts, workdir / f"{shape}-{v}.json",
@@ -204,6 +206,9 @@ def summarize(rounds: list[dict[str, dict]], weights_mib: dict[str, float]) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=SHAPES, default="0.1b")
+    ap.add_argument("--rwkvquant-bpw", type=float, default=3.275,
+                    help="bpw target of the rwkvquant variants (default 3.275; a shape too small to land within "
+                         "0.005 below it needs another, e.g. 3.281 for tiny)")
     ap.add_argument("--variants", default="fp32,fp16,rwkvquant,rwkvquant-eh4,gptq4,gptq4-eh4",
                     help="comma-separated: fp32, fp16, rwkvquant, gptq4, and the -eh4 variants of the quantized "
                          "ones (int8 embedding, 4-bit head)")
@@ -227,7 +232,7 @@ def main() -> None:
     variants = args.variants.split(",")
     if "fp32" not in variants:
         variants.insert(0, "fp32")
-    paths = export_variants(args.shape, args.workdir, args.seed, variants)
+    paths = export_variants(args.shape, args.workdir, args.seed, variants, args.rwkvquant_bpw)
     rounds: list[dict[str, dict]] = []
     order = list(paths)
     for r in range(args.rounds):
