@@ -28,6 +28,8 @@ def _readme_cli_commands() -> list[list[str]]:
     commands = []
     for block in _bash_blocks():
         for line in block.replace("\\\n", " ").splitlines():
+            if line.lstrip().startswith("#"):  # a comment line
+                continue
             for part in re.split(r"&&|;|\|", line.split(" #")[0]):
                 words = shlex.split(part.replace("&", ""))
                 if words[:1] == ["rwkvq-onnx"]:
