@@ -21,7 +21,8 @@ import numpy as np
 
 # Absolute imports: Polygraphy imports this file as a top-level script, not as part of the package.
 from rwkvq_onnx.errors import ConfigError
-from rwkvq_onnx.validate import model_info, zero_state
+from rwkvq_onnx.runtime import state_feeds, zero_state
+from rwkvq_onnx.validate import model_info
 
 
 def feeds(model: str, state: str = "zero", tokens: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -33,7 +34,7 @@ def feeds(model: str, state: str = "zero", tokens: int = 8, seed: int = 0) -> li
     info = model_info(model)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, info.config.vocab_size, size=tokens, dtype=np.int64)
-    start = zero_state(info.config)
+    start = state_feeds(zero_state(info.config))
     if state == "random":
         start = {k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in start.items()}
     if info.graph == "sequence":

@@ -109,6 +109,19 @@ def run_session(session, path: Path, feeds: dict[str, np.ndarray]) -> list[np.nd
                          path) from None
 
 
+def zero_state(config: ModelConfig, batch: int = 1) -> StateArrays:
+    """The empty-context state of a model (float32 zeros): att shift, ffn shift, WKV."""
+    c = config
+    return (np.zeros((c.n_layer, batch, c.n_embd), np.float32),
+            np.zeros((c.n_layer, batch, c.n_embd), np.float32),
+            np.zeros((c.n_layer, batch, c.n_head, c.head_size, c.head_size), np.float32))
+
+
+def state_feeds(state: StateArrays) -> dict[str, np.ndarray]:
+    """A state as the graphs' input feeds."""
+    return {"state_att_shift": state[0], "state_ffn_shift": state[1], "state_wkv": state[2]}
+
+
 class RwkvSession:
     """An exported RWKV model ready to run; state is passed in and returned, never hidden."""
 
@@ -132,14 +145,11 @@ class RwkvSession:
                                  f"wrote the other (export --mode both, or quantize)", sibling)
 
     def zero_state(self, batch: int = 1) -> StateArrays:
-        c = self.config
-        return (np.zeros((c.n_layer, batch, c.n_embd), np.float32),
-                np.zeros((c.n_layer, batch, c.n_embd), np.float32),
-                np.zeros((c.n_layer, batch, c.n_head, c.head_size, c.head_size), np.float32))
+        return zero_state(self.config, batch)
 
     @staticmethod
     def _feeds(state: StateArrays) -> dict[str, np.ndarray]:
-        return {"state_att_shift": state[0], "state_ffn_shift": state[1], "state_wkv": state[2]}
+        return state_feeds(state)
 
     def forward(self, tokens: np.ndarray, state: StateArrays | None = None) -> tuple[np.ndarray, StateArrays]:
         """tokens int [B, T] -> logits float32 [B, T, V] and the state after the last token."""

@@ -26,6 +26,7 @@ from .agreement import Agreement, agreement
 from .checkpoint import ModelConfig
 from .errors import ConfigError, MissingDependencyError, RwkvqError
 from .names import CONFIG_KEY, GRAPH_KEY, QUANTIZATION_KEY
+from .runtime import state_feeds, zero_state
 
 LOGITS = "logits"
 STATE_OUTPUTS = ("new_state_att_shift", "new_state_ffn_shift", "new_state_wkv")
@@ -120,14 +121,6 @@ def choose_mode(a: ModelInfo, b: ModelInfo) -> str:
     return SAME if a.quantization == b.quantization else AGREEMENT
 
 
-def zero_state(config: ModelConfig, batch: int = 1) -> dict[str, np.ndarray]:
-    """The empty-context state feeds of a model (float32 zeros)."""
-    c = config
-    return {"state_att_shift": np.zeros((c.n_layer, batch, c.n_embd), np.float32),
-            "state_ffn_shift": np.zeros((c.n_layer, batch, c.n_embd), np.float32),
-            "state_wkv": np.zeros((c.n_layer, batch, c.n_head, c.head_size, c.head_size), np.float32)}
-
-
 def _runner(path: Path, name: str):
     """A Polygraphy runner: TensorRT for a .plan (its plugins are serialized in it), onnxruntime otherwise."""
     if path.suffix == ".plan":
@@ -158,7 +151,7 @@ def _polygraphy():
 
 def run_own_state(runner, info: ModelInfo, tokens: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Run `tokens` from the zero state on the model's own state: logits [T, V] and the state after them."""
-    state = zero_state(info.config)
+    state = state_feeds(zero_state(info.config))
     with runner:
         if info.graph == "sequence":
             out = runner.infer({"tokens": np.asarray([tokens], np.int64), **state})
