@@ -321,6 +321,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--custom-ops", action="store_true",
                     help="evaluate the rwkvq-op graphs instead of their standard-op lowering (default: lowering)")
     ap.add_argument("--out", type=Path, default=Path("quality"), help="output folder (default ./quality)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an earlier run in --out whose quantize and eval commands are exactly this "
+                         "run's (same flags, texts, seed), and run only the others (default: run every row)")
     return ap.parse_args(argv)
 
 
@@ -333,6 +336,31 @@ def select_rows(args: argparse.Namespace) -> list[Row]:
             raise SystemExit(f"error: unknown row(s) {', '.join(sorted(unknown))}")
         todo = [r for r in ROWS + ABLATIONS if r.key in keep]
     return todo
+
+
+def resumable_rows(args: argparse.Namespace, fp: Path, todo: list[Row], fp_texts: dict) -> list[dict]:
+    """Rows of an earlier table.json that this run would reproduce: same key, same quantize command, same eval
+    commands, same fp32 scores (so the same texts and documents), and the quantized model still on disk.
+
+    The rows are deterministic given these, so re-running them would only spend time."""
+    path = args.out / "table.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if old.get("fp32", {}).get("texts") != json.loads(json.dumps(fp_texts)):
+        return []
+    want = {row.key: row for row in todo}
+    kept = []
+    for r in old.get("rows", []):
+        row = want.get(r.get("key"))
+        if row is None or "error" in r:
+            continue
+        argv = quantize_argv(args, fp, row)
+        if (r.get("quantize_command") == command_line(argv)
+                and r.get("eval_commands") == {k: command_line(v) for k, v in eval_argvs(args, argv[3]).items()}
+                and (args.out / f"{row.key}.onnx").is_file()):
+            kept.append(r)
+    return kept
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -362,22 +390,29 @@ def main(argv: list[str] | None = None) -> None:
     except RwkvqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
-    tasks = [(args, fp, row, ref_paths) for row in todo]
     order = {row.key: i for i, row in enumerate(todo)}
     fp_row = {"label": "fp32", "texts": fp_texts}
-    results: list[dict] = []
+    results: list[dict] = resumable_rows(args, fp, todo, fp_texts) if args.resume else []
+    kept = {r["key"] for r in results}
+    if kept:
+        print(f"resumed {len(kept)} row(s) from {args.out / 'table.json'}: {', '.join(sorted(kept))}", flush=True)
+    tasks = [(args, fp, row, ref_paths) for row in todo if row.key not in kept]
 
-    def record(r: dict) -> None:
-        """Keep a finished row and rewrite the table, so that an interrupted run still leaves every row it got."""
-        results.append(r)
+    def write() -> None:
+        """Rewrite the table from the rows so far, so that an interrupted run still leaves every row it got."""
         results.sort(key=lambda x: order[x["key"]])
-        _progress(r)
         comparisons = compare({x["key"]: x for x in results}, refs, args.seed)
         (args.out / "table.md").write_text(render(args, fp_row, results, comparisons, refs))
         (args.out / "table.json").write_text(json.dumps(
             {"checkpoint": str(args.checkpoint), "fp32": fp_row, "rows": results, "comparisons": comparisons,
              "complete": len(results) == len(todo), "seconds": time.perf_counter() - t_all}, indent=1) + "\n")
 
+    def record(r: dict) -> None:
+        results.append(r)
+        _progress(r)
+        write()
+
+    write()
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             for r in pool.imap_unordered(score_row, tasks):
