@@ -175,6 +175,16 @@ def test_budget_plan_rejects_infeasible_targets():
         plan_for_budget(shapes, proxy, 3.9, SQ, VQ)
 
 
+def test_a_greedy_walk_that_stops_short_is_refined_by_one_exchange():
+    """a (7) and b (4) fit, c (5) would overshoot 12: 11 misses [11.5, 12]; trading b for c lands on 12."""
+    from rwkvq_onnx.quant.policy import _landing_swap
+
+    extra = {"a": 7.0, "b": 4.0, "c": 5.0}
+    assert _landing_swap(["a", "b", "c"], {"a", "b"}, extra, 11.0, 11.5, 12.0) == ("b", "c", 12.0)
+    # nothing lands: no exchange, the caller reports the budget error
+    assert _landing_swap(["a", "b", "c"], {"a"}, {"a": 7.0, "b": 6.0, "c": 5.0}, 7.0, 10.5, 11.0) is None
+
+
 def test_budget_plan_follows_an_alternative_ranking_for_ablations():
     shapes = {f"w{i}": (256, 256) for i in range(6)}
     rng = np.random.default_rng(2)

@@ -175,6 +175,14 @@ def plan_for_budget(shapes: Mapping[str, tuple[int, int]], proxy: Mapping[str, P
         if spent + extra <= budget + 1e-9 * n_total:
             chosen.add(name)
             spent += extra
+    refined = {}
+    if spent < budget - BUDGET_TOLERANCE * n_total and len(chosen) < len(vq_cfg):
+        swap = _landing_swap(order, chosen, {n: cost(vq_cfg[n], shapes[n]) - cost(sq, shapes[n]) for n in vq_cfg},
+                             spent, budget - BUDGET_TOLERANCE * n_total, budget + 1e-9 * n_total)
+        if swap is not None:
+            out, into, spent = swap
+            chosen = (chosen - {out}) | {into}
+            refined = {"swap": {"out": out, "in": into}}
     achieved = spent / n_total
     if achieved < target - BUDGET_TOLERANCE:
         what = ("VQ on every eligible weight costs" if len(chosen) == len(vq_cfg)
@@ -188,7 +196,28 @@ def plan_for_budget(shapes: Mapping[str, tuple[int, int]], proxy: Mapping[str, P
         reasons = {**_reasons(proxy[name], scores[name], rank[name])}
         entries.append(PlanEntry(name, shape, "gptvq" if use_vq else "gptq", vq_cfg[name] if use_vq else sq, reasons))
     return Plan(tuple(entries), {}, {"policy": "rwkvquant", "mode": "budget", "target": target,
-                                     "accounting": accounting, "tau_c": tau_c, "tau_f": tau_f, **(policy or {})})
+                                     "accounting": accounting, "tau_c": tau_c, "tau_f": tau_f, **refined,
+                                     **(policy or {})})
+
+
+def _landing_swap(order: list[str], chosen: set[str], extra: Mapping[str, float], spent: float, low: float,
+                  high: float) -> tuple[str, str, float] | None:
+    """When the greedy walk stops below the landing window: one exchange of a chosen weight for a skipped one
+    that lands in [low, high], or None.
+
+    Whole weights have coarse costs, so on a small model the greedy walk can stop short of the window. The
+    exchange that stays closest to the ranking wins: the skipped weight ranked highest comes in, and the chosen
+    weight ranked lowest that makes it fit goes out."""
+    rank = {n: i for i, n in enumerate(order)}
+    skipped = sorted((n for n in extra if n not in chosen), key=rank.__getitem__)
+    leaving = sorted(chosen, key=rank.__getitem__, reverse=True)
+    for into in skipped:
+        fits = [(out, spent - extra[out] + extra[into]) for out in leaving
+                if low <= spent - extra[out] + extra[into] <= high]
+        if fits:
+            out, total = fits[0]
+            return out, into, total
+    return None
 
 
 def _check_accounting(accounting: str) -> None:
