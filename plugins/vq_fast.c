@@ -292,7 +292,7 @@ static inline __attribute__((always_inline)) RWKVQ_AVX2 void fast_rows_avx2_t(
         const uint8_t* row = codes + (size_t)n * row_bytes;
         /* steps whose 64-bit loads stay inside the buffer (they may reach into the next row, never past it) */
         const long long avail = (long long)(N - n) * row_bytes;
-        const long long safe = avail >= 8 ? (avail - 8 - 3 * bits) / (4 * bits) + 1 : 0;
+        const long long safe = avail >= 8 + 3 * bits ? (avail - 8 - 3 * bits) / (4 * bits) + 1 : 0;
         __m256 tot[RWKVQ_GEMV_MAX_ROWS];
         for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps();
         for (int c = 0; c < C; ++c) {
