@@ -20,7 +20,8 @@
  *   - HasSessionConfigEntry / GetSessionConfigEntry (API 14, slots 237 / 238; checked at registration by a round
  *     trip through CreateSessionOptions 10, AddSessionConfigEntry 130, ReleaseSessionOptions 100): the session's
  *     kernel mode, "rwkvq.kernels" = exact | fast (absent: exact) and "rwkvq.isa" = auto | scalar | avx2 |
- *     avxvnni | avx512vnni (absent: auto, or the RWKVQ_ISA environment variable as rwkvq_default_mode reads it).
+ *     avxvnni | avx512vnni (absent or auto: the RWKVQ_ISA environment variable when it names a supported set, as
+ *     rwkvq_default_mode reads it, else the best this CPU has).
  *     Each registration adds its own copies of the ops carrying that mode (op_mode), so two sessions of one
  *     process can run different modes. An unknown value, or an instruction set this CPU lacks, fails the
  *     registration with one line naming the setting.
@@ -616,7 +617,8 @@ static OrtStatus* session_mode(const OrtFn* api, const void* options, rwkvq_mode
     if (found < 0) return refuse_config(api, "rwkvq.isa", "?", "unreadable value");
     if (found) {
         char list[96], problem[160];
-        mode->isa = rwkvq_isa_parse(value);
+        /* "auto" keeps rwkvq_default_mode's choice: RWKVQ_ISA when it names a supported set, else the best */
+        mode->isa = strcmp(value, "auto") == 0 || !value[0] ? mode->isa : rwkvq_isa_parse(value);
         if (mode->isa < 0) {
             snprintf(problem, sizeof problem, "unknown instruction set (expected auto, scalar, avx2, avxvnni or "
                                               "avx512vnni; this CPU supports %s)", supported_isas(list, sizeof list));

@@ -55,6 +55,7 @@ def library() -> ctypes.CDLL | None:
     lib.rwkvq_isa_supported.argtypes = [i]
     lib.rwkvq_isa_supported.restype = i
     lib.rwkvq_isa_best.restype = i
+    lib.rwkvq_default_mode.restype = Mode
     lib.rwkvq_ort_registered_kernels.restype = i
     lib.rwkvq_ort_registered_isa.restype = i
     lib.rwkvq_vq_decode.argtypes = [p, i, p, p, p, i, i, i, i, i, i]
@@ -89,11 +90,13 @@ def best_isa() -> str | None:
 
 
 def mode(kernels: str = "exact", isa: str = "auto") -> Mode:
-    """The kernel mode for a ctypes call; ConfigError (one line) for an unknown name or an unsupported isa."""
+    """The kernel mode for a ctypes call; ConfigError (one line) for an unknown name or an unsupported isa.
+    "auto" is the RWKVQ_ISA environment variable when it names a supported set, else `best_isa()`."""
     if kernels not in KERNELS:
         raise ConfigError(f"kernels={kernels!r}: expected one of {', '.join(KERNELS)}")
-    if isa == "auto":
-        isa = best_isa() or "scalar"
+    lib = library()
+    if isa == "auto":  # as the sessions' "auto": RWKVQ_ISA when it names a supported set, else the best
+        isa = ISAS[lib.rwkvq_default_mode().isa] if lib is not None else "scalar"
     if isa not in ISAS:
         raise ConfigError(f"isa={isa!r}: expected auto or one of {', '.join(ISAS)}")
     if isa not in supported_isas():

@@ -217,6 +217,19 @@ def test_runtime_session_options_set_the_mode_before_registering():
         session_options(kernels="quick")
 
 
+def test_auto_honours_the_rwkvq_isa_environment_variable(monkeypatch):
+    """"auto" (what session_options sets by default) is RWKVQ_ISA when that names a supported set: a process can
+    pin its instruction set without code changes."""
+    from rwkvq_onnx.runtime import session_options
+
+    lib = cpu_kernels.library()
+    monkeypatch.setenv("RWKVQ_ISA", "scalar")
+    session_options(isa="auto")
+    assert lib.rwkvq_ort_registered_isa() == 0
+    session_options(isa=cpu_kernels.best_isa())  # an explicit name wins over the variable
+    assert cpu_kernels.ISAS[lib.rwkvq_ort_registered_isa()] == cpu_kernels.best_isa()
+
+
 def test_ctypes_mode_refuses_unknown_or_unsupported_names():
     rng = np.random.default_rng(9)
     packed, books, scales, attrs = payload(rng, *FAST_LAYOUTS[0])
