@@ -86,6 +86,22 @@ static RWKVQ_AVX2 int quantize_block_avx2(const float* xb, int8_t* out, float* d
 }
 #endif
 
+int rwkvq_quantize_act8(const float* x, int64_t n, int8_t* q, float* d, int isa) {
+    if (n < BLOCK || n % BLOCK) return -2;
+    for (int64_t b = 0; b < n / BLOCK; ++b) {
+        int bad;
+#if defined(__x86_64__)
+        if (isa >= RWKVQ_ISA_AVX2 && rwkvq_isa_supported(isa))
+            bad = quantize_block_avx2(x + b * BLOCK, q + b * BLOCK, d + b);
+        else
+#endif
+            bad = quantize_block_scalar(x + b * BLOCK, q + b * BLOCK, d + b);
+        if (bad) return 1;
+    }
+    (void)isa;
+    return 0;
+}
+
 /* One activation row quantized for the kernels: q [S][dim][32] int8 (step s, entry component t, code i of the
  * step: the activation x[(32 s + i) * dim + t]) and d [S][8] floats (the block scale of each int32 lane of a
  * step's sums: for dim 1 all 8 are the step's block scale, for dim 2 lanes 0-3 the first block's (codes 0-15),

@@ -22,4 +22,10 @@ int rwkvq_vq_fast_rows(const float* x, int M, const uint8_t* codes, int row_byte
                        const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits,
                        int n0, int n1, int isa);
 
+/* The activation quantization of the fast numerics, for any int8 kernel that shares them (the scalar-weight op
+ * too): x [n] (n a multiple of 32) to q [n] int8 and d [n / 32] block scales, with the instruction set isa (the
+ * same bytes on every one). Returns 0, 1 when a value is not finite (q, d then unspecified), -2 when n is not a
+ * positive multiple of 32. */
+int rwkvq_quantize_act8(const float* x, int64_t n, int8_t* q, float* d, int isa);
+
 #endif

@@ -56,6 +56,8 @@ def library() -> ctypes.CDLL | None:
     lib.rwkvq_isa_supported.restype = i
     lib.rwkvq_isa_best.restype = i
     lib.rwkvq_default_mode.restype = Mode
+    lib.rwkvq_quantize_act8.argtypes = [p, ctypes.c_int64, p, p, i]
+    lib.rwkvq_quantize_act8.restype = i
     lib.rwkvq_ort_registered_kernels.restype = i
     lib.rwkvq_ort_registered_isa.restype = i
     lib.rwkvq_vq_decode.argtypes = [p, i, p, p, p, i, i, i, i, i, i]
@@ -102,6 +104,20 @@ def mode(kernels: str = "exact", isa: str = "auto") -> Mode:
     if isa not in supported_isas():
         raise ConfigError(f"isa={isa}: this CPU does not support it (supported: {', '.join(supported_isas())})")
     return Mode(KERNELS.index(kernels), ISAS.index(isa))
+
+
+def quantize_act8(x: np.ndarray, isa: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """The fast numerics' activation quantization of the native library (for tests and int8 kernels): x [n], n a
+    multiple of 32, to (q int8 [n], d float32 [n / 32]) with x ~= q * d per block of 32."""
+    lib = library()
+    if lib is None:
+        raise ConfigError("quantize_act8: the native library is not built")
+    x = np.ascontiguousarray(x, np.float32).ravel()
+    q, d = np.empty(x.size, np.int8), np.empty(x.size // 32, np.float32)
+    status = lib.rwkvq_quantize_act8(_ptr(x), x.size, _ptr(q), _ptr(d), mode("exact", isa).isa)
+    if status:
+        raise ConfigError(f"quantize_act8: {'a value is not finite' if status == 1 else 'size is not a multiple of 32'}")
+    return q, d
 
 
 def _ptr(a: np.ndarray) -> ctypes.c_void_p:

@@ -142,6 +142,26 @@ def test_fast_kernels_stay_within_the_int8_bound_on_every_isa(layout):
             assert np.abs(y - ys[0]).max() <= EXACT_TOL * scale, (isa, "differs from", next(iter(outs)))
 
 
+def test_activation_quantization_is_the_contract_on_every_isa():
+    """int8 per block of 32: d = max|x| / 127, q = x * (127 / max|x|) rounded to nearest (halves away from zero),
+    as numpy computes it in float32; the same bytes on every instruction set; a zero block gives zeros."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(32 * 40) * rng.choice([1e-3, 1, 50], 32 * 40)).astype(np.float32)
+    x[64:96] = 0
+    x[100] = 0.5 * np.abs(x[96:128]).max()  # scaled to about 63.5: rounding near a half
+    blocks = x.reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    v = np.clip(blocks * inv, -127, 127)
+    q_ref = np.trunc(v + np.where(v < 0, np.float32(-0.5), np.float32(0.5))).astype(np.int8).ravel()
+    for isa in cpu_kernels.supported_isas():
+        q, d = cpu_kernels.quantize_act8(x, isa)
+        np.testing.assert_array_equal(q, q_ref, err_msg=isa)
+        np.testing.assert_array_equal(d, (amax / np.float32(127)).astype(np.float32).ravel(), err_msg=isa)
+    with pytest.raises(ConfigError, match="not finite"):
+        cpu_kernels.quantize_act8(np.full(32, np.inf, np.float32))
+
+
 def test_fast_falls_back_to_exact_where_the_layout_does_not_nest_in_blocks():
     """group_cols 48 with dim 1 is not a multiple of 32: "fast" computes the exact result, bit for bit."""
     rng = np.random.default_rng(5)
