@@ -10,8 +10,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/build/_cpu_kernels_asan.so}"
 cc="${CC:-gcc}"
-# the extension's own flags, so the sanitized code takes the same paths (AVX2 kernels included); the fallback
-# is for a copy of plugins/ without pyproject.toml beside it
+# the extension's own flags (baseline x86-64: the AVX2 kernels are compiled by their target attributes and chosen
+# at run time, so the sanitized code takes the same paths); the fallback, the same flags, is for a copy of
+# plugins/ without pyproject.toml beside it
 flags="$(python3 - "$here/../pyproject.toml" <<'PY' 2>/dev/null || echo "-O3 -fopenmp -std=c11"
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:

@@ -2,7 +2,8 @@
  *
  * Called by the onnxruntime op library (ort_ops.c) and, through ctypes, by rwkvq_onnx.cpu_kernels; built by the
  * package install (setuptools extension,
- * -O3 -march=native -fopenmp). Decode is memory-bound in theory, table-lookup-bound in practice: each
+ * -O3 -fopenmp, baseline instruction set: the AVX2 functions carry __attribute__((target)) and run only when the
+ * caller's rwkvq_mode names an instruction set the CPU has, see rwkvq_dispatch.h). Decode is memory-bound in theory, table-lookup-bound in practice: each
  * thread decodes its row block's codebooks (scale folded in) into a small float table that stays in L1,
  * then streams each row's packed codes eight at a time through table lookups.
  *
@@ -21,11 +22,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__x86_64__)
 #include <immintrin.h>
+/* the AVX2 kernels: compiled for AVX2 + FMA + BMI1/2 whatever the build's -m flags, called only when
+ * rwkvq_isa_supported(RWKVQ_ISA_AVX2) (which checks those four features) */
+#define RWKVQ_AVX2 __attribute__((target("avx2,fma,bmi,bmi2")))
 #endif
 
 #include "rwkvq_cpu.h"
+#include "vq_fast.h"
 
 static inline uint32_t read_code(const uint8_t* row, int row_bytes, int j, int bits);
 
@@ -141,6 +146,13 @@ static int sizes_ok(int M, int row_bytes, int N, int K, int dim, int group_rows,
            row_bytes == ceil_div((int64_t)(K / dim) * bits, 8);
 }
 
+/* A mode the kernels can run: known numerics and an instruction set this CPU has (running AVX2 code on a CPU
+ * without it would be an illegal instruction, so every entry point checks). */
+static int mode_ok(rwkvq_mode mode) {
+    return (mode.kernels == RWKVQ_KERNELS_EXACT || mode.kernels == RWKVQ_KERNELS_FAST) &&
+           rwkvq_isa_supported(mode.isa);
+}
+
 /* The first n indices of a row's bit stream; eight at a time from one unaligned 64-bit load while it stays inside
  * the row (bits <= 8), then one by one. */
 static void unpack_row(const uint8_t* row, int row_bytes, int n, int bits, int32_t* out) {
@@ -208,14 +220,14 @@ static float row_group_dot(const uint8_t* row, int row_bytes, int bits, const fl
     return acc;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__x86_64__)
 /* The common case (dim 2, 4..8 index bits) vectorised over one whole row: each code's entry is one 64-bit load of
  * two floats, four entries are assembled into a 256-bit register against eight contiguous activations, one FMA.
  * BITS is a compile-time constant in each instantiation (constant shifts and masks: measured 1.7x faster than a
  * run-time width). Codes are read eight at a time with one unaligned 64-bit load, which may reach into the next
  * row (the bits beyond are never used) but not past the buffer (`avail` bytes from the row's start); the rest
  * one by one. */
-static inline __attribute__((always_inline)) float row_dot_dim2(const uint8_t* row, int row_bytes, long long avail,
+static inline __attribute__((always_inline)) RWKVQ_AVX2 float row_dot_dim2(const uint8_t* row, int row_bytes, long long avail,
                                                                 const int BITS, const float* table, int per_book,
                                                                 const float* x, int n_codes, int codes_per_group) {
     const uint64_t mask = (1u << BITS) - 1u;
@@ -231,11 +243,8 @@ static inline __attribute__((always_inline)) float row_dot_dim2(const uint8_t* r
             uint64_t w;
             memcpy(&w, row + (bit >> 3), 8);
             w >>= (bit & 7);
-#ifdef __BMI__ /* one bit-field-extract instruction per index instead of a shift and a mask: measured 15% faster */
+/* one bit-field-extract instruction per index instead of a shift and a mask: measured 15% faster */
 #define RWKVQ_CODE(i) (t + _bextr_u64(w, (i) * BITS, BITS))
-#else
-#define RWKVQ_CODE(i) (t + ((w >> ((i) * BITS)) & mask))
-#endif
             const __m128d lo0 = _mm_loadh_pd(_mm_load_sd(RWKVQ_CODE(0)), RWKVQ_CODE(1));
             const __m128d hi0 = _mm_loadh_pd(_mm_load_sd(RWKVQ_CODE(2)), RWKVQ_CODE(3));
             const __m128d lo1 = _mm_loadh_pd(_mm_load_sd(RWKVQ_CODE(4)), RWKVQ_CODE(5));
@@ -257,7 +266,7 @@ static inline __attribute__((always_inline)) float row_dot_dim2(const uint8_t* r
 }
 
 /* One specialised row kernel per index width; 0 when the width has none. */
-static int row_dot_dim2_any(const uint8_t* row, int row_bytes, long long avail, int bits, const float* table,
+static RWKVQ_AVX2 int row_dot_dim2_any(const uint8_t* row, int row_bytes, long long avail, int bits, const float* table,
                             int per_book, const float* x, int n_codes, int codes_per_group, float* out) {
     switch (bits) {
 #define RWKVQ_CASE(B) \
@@ -273,7 +282,8 @@ static int row_dot_dim2_any(const uint8_t* row, int row_bytes, long long avail, 
 /* Rows [n0, n1) of y[M, N] = x[M, K] @ W^T on the calling thread; table: C decoded codebooks (scratch). */
 static void gemv_rows(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                       const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits,
-                      int n0, int n1, float* table) {
+                      int n0, int n1, float* table, int isa) {
+    (void)isa;
     const int C = (K + group_cols - 1) / group_cols;
     const int per_book = (1 << bits) * dim;
     const int n_codes = K / dim;
@@ -288,8 +298,8 @@ static void gemv_rows(const float* x, int M, const uint8_t* codes, int row_bytes
         const uint8_t* row = codes + (size_t)n * row_bytes;
         for (int m = 0; m < M; ++m) {
             float acc = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-            if (dim == 2 && row_dot_dim2_any(row, row_bytes, (long long)(N - n) * row_bytes, bits, table, per_book,
+#if defined(__x86_64__)
+            if (isa >= RWKVQ_ISA_AVX2 && dim == 2 && row_dot_dim2_any(row, row_bytes, (long long)(N - n) * row_bytes, bits, table, per_book,
                                              x + (size_t)m * K, n_codes, codes_per_group, &acc)) {
                 y[(size_t)m * N + n] = acc;
                 continue;
@@ -319,17 +329,24 @@ int rwkvq_vq_gemv_chunks(int N, int K, int M, int group_rows) {
 
 int rwkvq_vq_gemv_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                         const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
-                        int bits, int chunk, int chunks) {
+                        int bits, int chunk, int chunks, rwkvq_mode mode) {
     if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits) || chunk < 0 || chunk >= chunks)
         return RWKVQ_BAD_SIZES;
+    if (!mode_ok(mode)) return RWKVQ_BAD_MODE;
     /* chunks split the row blocks evenly, so no two chunks decode the same codebooks */
     const int blocks = (N + group_rows - 1) / group_rows;
     const int b0 = (int)((long long)blocks * chunk / chunks), b1 = (int)((long long)blocks * (chunk + 1) / chunks);
     const int n0 = b0 * group_rows, n1 = b1 * group_rows < N ? b1 * group_rows : N;
+    if (mode.kernels == RWKVQ_KERNELS_FAST && rwkvq_vq_fast_ok(M, K, dim, group_cols, bits)) {
+        const int rc = rwkvq_vq_fast_rows(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows,
+                                          group_cols, bits, n0, n1, mode.isa);
+        if (rc <= 0) return rc; /* 1: a non-finite activation, which the exact path below propagates */
+    }
     const int C = (K + group_cols - 1) / group_cols;
     float* table = (float*)malloc(sizeof(float) * (size_t)C * (size_t)(1 << bits) * dim);
     if (!table) return -1;
-    gemv_rows(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits, n0, n1, table);
+    gemv_rows(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits, n0, n1, table,
+              mode.isa);
     free(table);
     return 0;
 }
@@ -338,21 +355,25 @@ int rwkvq_vq_gemv_chunk(const float* x, int M, const uint8_t* codes, int row_byt
  * an OpenMP region costs more than a small matrix's work. Returns 0, or -1 when scratch memory ran out. */
 static int run_chunks(rwkvq_chunk_fn run, int chunks, const float* x, int M, const uint8_t* codes, int row_bytes,
                       const int8_t* books, const float* scales, float* y, int N, int K, int dim, int group_rows,
-                      int group_cols, int bits) {
-    if (chunks == 1) return run(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits, 0, 1);
+                      int group_cols, int bits, rwkvq_mode mode) {
+    if (!mode_ok(mode)) return RWKVQ_BAD_MODE;
+    if (chunks == 1)
+        return run(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits, 0, 1, mode);
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) reduction(| : failed)
     for (int c = 0; c < chunks; ++c)
-        failed |= run(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits, c, chunks) != 0;
+        failed |= run(x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits, c, chunks,
+                      mode) != 0;
     return failed ? -1 : 0;
 }
 
 /* y[M, N] = x[M, K] @ W^T. Returns 0, -1 when scratch memory cannot be allocated, -2 for sizes out of range. */
 int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
-                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits,
+                  rwkvq_mode mode) {
     if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits)) return RWKVQ_BAD_SIZES;
     return run_chunks(rwkvq_vq_gemv_chunk, rwkvq_vq_gemv_chunks(N, K, M, group_rows), x, M, codes, row_bytes, books,
-                      scales, y, N, K, dim, group_rows, group_cols, bits);
+                      scales, y, N, K, dim, group_rows, group_cols, bits, mode);
 }
 
 /* Rows [n0, n1) of W into out [(n1 - n0), K]; table holds C codebooks, idx n_codes ints (caller's scratch). */
@@ -458,12 +479,26 @@ static void decode_panel(const uint8_t* codes, int row_bytes, const int8_t* book
     }
 }
 
-/* y[i, 0..cols) = x[i] @ panel for MR activation rows (i < mr stored): outer products, one broadcast activation
- * times sixteen weights per FMA pair, so no horizontal sums; the twelve accumulators are named variables (an
- * array of them was spilled to the stack every step). */
-static void panel_kernel(const float* x, int K, int mr, const float* p, float* y, int ldy, int cols) {
+/* y[i, 0..cols) = x[i] @ panel for MR activation rows, from the MR x PANEL results in out. */
+static void store_panel(float out[MR][PANEL], int mr, float* y, int ldy, int cols) {
+    for (int i = 0; i < mr; ++i) memcpy(y + (size_t)i * ldy, out[i], sizeof(float) * (size_t)cols);
+}
+
+/* The portable micro-kernel (the compiler vectorises it for the baseline instruction set). */
+static void panel_kernel_scalar(const float* x, int K, int mr, const float* p, float* y, int ldy, int cols) {
     float out[MR][PANEL];
-#if defined(__AVX2__) && defined(__FMA__)
+    memset(out, 0, sizeof out);
+    for (int i = 0; i < MR; ++i)
+        for (int k = 0; k < K; ++k)
+            for (int r = 0; r < PANEL; ++r) out[i][r] += x[(size_t)i * K + k] * p[(size_t)k * PANEL + r];
+    store_panel(out, mr, y, ldy, cols);
+}
+
+#if defined(__x86_64__)
+/* outer products, one broadcast activation times sixteen weights per FMA pair, so no horizontal sums; the twelve
+ * accumulators are named variables (an array of them was spilled to the stack every step). */
+static RWKVQ_AVX2 void panel_kernel_avx2(const float* x, int K, int mr, const float* p, float* y, int ldy, int cols) {
+    float out[MR][PANEL];
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
            c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const float *x0 = x, *x1 = x + K, *x2 = x + 2 * (size_t)K, *x3 = x + 3 * (size_t)K, *x4 = x + 4 * (size_t)K,
@@ -488,13 +523,20 @@ static void panel_kernel(const float* x, int K, int mr, const float* p, float* y
         _mm256_storeu_ps(out[i], acc[i][0]);
         _mm256_storeu_ps(out[i] + 8, acc[i][1]);
     }
-#else
-    memset(out, 0, sizeof out);
-    for (int i = 0; i < MR; ++i)
-        for (int k = 0; k < K; ++k)
-            for (int r = 0; r < PANEL; ++r) out[i][r] += x[(size_t)i * K + k] * p[(size_t)k * PANEL + r];
+    store_panel(out, mr, y, ldy, cols);
+}
 #endif
-    for (int i = 0; i < mr; ++i) memcpy(y + (size_t)i * ldy, out[i], sizeof(float) * (size_t)cols);
+
+/* y[i, 0..cols) = x[i] @ panel for MR activation rows (i < mr stored), with the instruction set asked for. */
+static void panel_kernel(const float* x, int K, int mr, const float* p, float* y, int ldy, int cols, int isa) {
+#if defined(__x86_64__)
+    if (isa >= RWKVQ_ISA_AVX2) {
+        panel_kernel_avx2(x, K, mr, p, y, ldy, cols);
+        return;
+    }
+#endif
+    (void)isa;
+    panel_kernel_scalar(x, K, mr, p, y, ldy, cols);
 }
 
 int rwkvq_vq_gemm_chunks(int N) {
@@ -505,9 +547,10 @@ int rwkvq_vq_gemm_chunks(int N) {
 
 int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                         const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
-                        int bits, int chunk, int chunks) {
+                        int bits, int chunk, int chunks, rwkvq_mode mode) {
     if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits) || chunk < 0 || chunk >= chunks)
         return RWKVQ_BAD_SIZES;
+    if (!mode_ok(mode)) return RWKVQ_BAD_MODE;
     const int C = (K + group_cols - 1) / group_cols;
     const int per_book = (1 << bits) * dim;
     const int panels = (N + PANEL - 1) / PANEL;
@@ -522,10 +565,10 @@ int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_byt
         decode_panel(codes, row_bytes, books, scales, n0, n1 - n0, K, dim, group_rows, group_cols, bits, tables,
                      idx, p);
         int m = 0;
-        for (; m + MR <= M; m += MR) panel_kernel(x + (size_t)m * K, K, MR, p, y + (size_t)m * N + n0, N, n1 - n0);
+        for (; m + MR <= M; m += MR) panel_kernel(x + (size_t)m * K, K, MR, p, y + (size_t)m * N + n0, N, n1 - n0, mode.isa);
         if (m < M) {
             memcpy(xpad, x + (size_t)m * K, sizeof(float) * (size_t)(M - m) * K);
-            panel_kernel(xpad, K, M - m, p, y + (size_t)m * N + n0, N, n1 - n0);
+            panel_kernel(xpad, K, M - m, p, y + (size_t)m * N + n0, N, n1 - n0, mode.isa);
         }
     }
     free(tables);
@@ -538,10 +581,11 @@ int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_byt
 /* y[M, N] = x[M, K] @ W^T for many activation rows (prefill): PANEL weight rows at a time are decoded, packed
  * K-major, and every activation row runs past them, so W is decoded once per call and never held in full. */
 int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
-                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits,
+                  rwkvq_mode mode) {
     if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits)) return RWKVQ_BAD_SIZES;
     return run_chunks(rwkvq_vq_gemm_chunk, rwkvq_vq_gemm_chunks(N), x, M, codes, row_bytes, books, scales, y, N, K,
-                      dim, group_rows, group_cols, bits);
+                      dim, group_rows, group_cols, bits, mode);
 }
 
 rwkvq_chunk_fn rwkvq_vq_matmul_plan(int M, int N, int K, int group_rows, int* chunks) {
@@ -552,12 +596,14 @@ rwkvq_chunk_fn rwkvq_vq_matmul_plan(int M, int N, int K, int group_rows, int* ch
 }
 
 int rwkvq_vq_matmul(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
-                    const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits) {
+                    const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits,
+                    rwkvq_mode mode) {
     if (!sizes_ok(M, row_bytes, N, K, dim, group_rows, group_cols, bits)) return RWKVQ_BAD_SIZES;
     int chunks;
     const rwkvq_chunk_fn run = rwkvq_vq_matmul_plan(M, N, K, group_rows, &chunks);
     if (!run) return RWKVQ_BAD_SIZES;
-    return run_chunks(run, chunks, x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits);
+    return run_chunks(run, chunks, x, M, codes, row_bytes, books, scales, y, N, K, dim, group_rows, group_cols, bits,
+                      mode);
 }
 
 int rwkvq_decode_vector(const uint8_t* codes, int64_t n_bytes, int bits, const float* book, int64_t book_len, float* v,

@@ -6,20 +6,30 @@
 
 static const char* const isa_names[RWKVQ_ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512vnni"};
 
+#if defined(__x86_64__)
+/* What every kernel above scalar uses: AVX2 with FMA, and BMI1/BMI2 for the index extraction (every AVX2 CPU so
+ * far has them; checked anyway, since running an instruction the CPU lacks kills the process). */
+static int avx2_family(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+           __builtin_cpu_supports("bmi2");
+}
+#endif
+
 int rwkvq_isa_supported(int isa) {
+#if defined(__x86_64__)
+    __builtin_cpu_init(); /* idempotent; needed when called before the library's constructors ran */
+#endif
     switch (isa) {
     case RWKVQ_ISA_SCALAR:
         return 1;
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
     case RWKVQ_ISA_AVX2:
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return avx2_family();
     case RWKVQ_ISA_AVXVNNI:
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("avxvnni");
+        return avx2_family() && __builtin_cpu_supports("avxvnni");
     case RWKVQ_ISA_AVX512VNNI:
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-               __builtin_cpu_supports("fma");
+        return avx2_family() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #endif
     default:
         return 0;

@@ -16,7 +16,15 @@
  *     attributes is refused when the session is created, not first at run time;
  *   - KernelContext_ParallelFor (API 17, slot 274) when onnxruntime offers it: VQMatMul then runs its pieces
  *     on the session's intra-op threads, so a session has one thread pool instead of onnxruntime's plus OpenMP's
- *     (before API 17 it falls back to OpenMP).
+ *     (before API 17 it falls back to OpenMP);
+ *   - HasSessionConfigEntry / GetSessionConfigEntry (API 14, slots 237 / 238; checked at registration by a round
+ *     trip through CreateSessionOptions 10, AddSessionConfigEntry 130, ReleaseSessionOptions 100): the session's
+ *     kernel mode, "rwkvq.kernels" = exact | fast (absent: exact) and "rwkvq.isa" = auto | scalar | avx2 |
+ *     avxvnni | avx512vnni (absent or auto: the RWKVQ_ISA environment variable when it names a supported set, as
+ *     rwkvq_default_mode reads it, else the best this CPU has).
+ *     Each registration adds its own copies of the ops carrying that mode (op_mode), so two sessions of one
+ *     process can run different modes. An unknown value, or an instruction set this CPU lacks, fails the
+ *     registration with one line naming the setting.
  * Every attribute and input shape is checked against the others in 64-bit arithmetic (rwkvq_vq_check_* in
  * cpu_kernels.c) before a size is narrowed to int or a pointer is formed: attributes when the kernel is created,
  * inputs when they are known (initializers at creation, all inputs at compute). A violation is an
@@ -32,6 +40,7 @@
 #include <string.h>
 
 #include "rwkvq_cpu.h"
+#include "rwkvq_dispatch.h"
 
 /* ---- the hand-declared slice of the onnxruntime C ABI ---------------------------------------------- */
 
@@ -45,6 +54,7 @@ typedef struct {
 enum OrtApiIndex {
     ORT_CreateStatus = 0,
     ORT_GetErrorMessage = 2,
+    ORT_CreateSessionOptions = 10,
     ORT_CreateCustomOpDomain = 26,
     ORT_CustomOpDomain_Add = 27,
     ORT_AddCustomOpDomain = 28,
@@ -60,6 +70,10 @@ enum OrtApiIndex {
     ORT_KernelContext_GetOutput = 91,
     ORT_ReleaseStatus = 93,
     ORT_ReleaseTensorTypeAndShapeInfo = 99,
+    ORT_ReleaseSessionOptions = 100,
+    ORT_AddSessionConfigEntry = 130,
+    ORT_HasSessionConfigEntry = 237,              /* API version 14 */
+    ORT_GetSessionConfigEntry = 238,              /* API version 14 */
     ORT_KernelInfo_GetNodeName = 244,             /* API version 14 */
     ORT_KernelInfoGetConstantInput_tensor = 249,  /* API version 15 */
     ORT_KernelContext_ParallelFor = 274, /* API version 17 */
@@ -96,13 +110,18 @@ typedef struct OrtCustomOpABI {
     void* unused[7];
 } OrtCustomOpABI;
 
-/* An op: the ABI struct first (onnxruntime holds a pointer to it), then what its callbacks need. */
+/* An op: the ABI struct first (onnxruntime holds a pointer to it), then what its callbacks need. The static ops
+ * below are templates: each registration registers copies carrying its session's mode. */
 typedef struct {
     OrtCustomOpABI abi;
     const char* name;
     int n_inputs;
     int input_types[4];
+    rwkvq_mode mode; /* the session's kernel mode (set on the per-session copies) */
 } RwkvqOp;
+
+/* The kernel mode of the session an op was registered for: create functions store it in their kernel. */
+static rwkvq_mode op_mode(const OrtCustomOpABI* op) { return ((const RwkvqOp*)op)->mode; }
 
 typedef OrtStatus* (*CreateStatusFn)(int, const char*);
 typedef const char* (*GetErrorMessageFn)(const OrtStatus*);
@@ -124,6 +143,11 @@ typedef OrtStatus* (*KernelContextGetOutputFn)(void*, size_t, const int64_t*, si
 typedef OrtStatus* (*KernelInfoGetNodeNameFn)(const void*, char*, size_t*);
 typedef OrtStatus* (*KernelInfoGetConstantInputFn)(const void*, size_t, int*, const void**);
 typedef OrtStatus* (*KernelContextParallelForFn)(const void*, void (*)(void*, size_t), size_t, size_t, void*);
+typedef OrtStatus* (*CreateSessionOptionsFn)(void**);
+typedef void (*ReleaseSessionOptionsFn)(void*);
+typedef OrtStatus* (*AddSessionConfigEntryFn)(void*, const char*, const char*);
+typedef OrtStatus* (*HasSessionConfigEntryFn)(const void*, const char*, int*);
+typedef OrtStatus* (*GetSessionConfigEntryFn)(const void*, const char*, char*, size_t*);
 
 /* set by RegisterCustomOps when onnxruntime offers API 17 */
 static KernelContextParallelForFn parallel_for_api;
@@ -273,6 +297,7 @@ typedef struct {
     const OrtFn* api;
     KernelContextParallelForFn parallel_for; /* onnxruntime's intra-op pool; NULL before API 17 */
     int N, K, dim, group_rows, group_cols, bits;
+    rwkvq_mode mode; /* the session's numerics and instruction set */
     NodeLabel node;
 } VQMatMulKernel;
 
@@ -294,7 +319,7 @@ static void vq_matmul_piece(void* data, size_t i) {
     VQMatMulJob* j = (VQMatMulJob*)data;
     const VQMatMulKernel* k = j->k;
     if (j->run(j->x, j->M, j->codes, j->row_bytes, j->books, j->scales, j->y, k->N, k->K, k->dim, k->group_rows,
-               k->group_cols, k->bits, (int)i, j->chunks))
+               k->group_cols, k->bits, (int)i, j->chunks, k->mode))
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
 }
 
@@ -313,8 +338,7 @@ static const char* vq_matmul_inputs[4] = {"the input", "codes", "codebooks", "sc
 static const int vq_matmul_types[4] = {T_FLOAT, T_UINT8, T_INT8, T_FLOAT};
 
 static OrtStatus* vq_matmul_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
-    (void)op;
-    VQMatMulKernel k = {api, parallel_for_api, 0, 0, 0, 0, 0, 0, {""}};
+    VQMatMulKernel k = {api, parallel_for_api, 0, 0, 0, 0, 0, 0, op_mode(op), {""}};
     node_label(api, info, "rwkvq.VQMatMul", &k.node);
     int64_t v[6];
     static const char* names[6] = {"N", "K", "dim", "group_rows", "group_cols", "index_bits"};
@@ -372,8 +396,9 @@ static OrtStatus* vq_matmul_compute(void* kernel, void* ctx) {
     /* onnxruntime before API 17: the OpenMP entry point */
     int rc = rwkvq_vq_matmul((const float*)x->data, (int)M, (const uint8_t*)codes->data, row_bytes,
                              (const int8_t*)books->data, (const float*)scales->data, y, k->N, k->K, k->dim,
-                             k->group_rows, k->group_cols, k->bits);
+                             k->group_rows, k->group_cols, k->bits, k->mode);
     return rc == RWKVQ_NO_MEMORY ? refuse(api, ORT_FAIL, &k->node, "out of memory")
+           : rc == RWKVQ_BAD_MODE ? refuse(api, ORT_FAIL, &k->node, "the session's kernel mode is not runnable here")
            : rc                  ? refuse(api, ORT_INVALID_ARGUMENT, &k->node, "sizes out of range")
                                  : NULL;
 }
@@ -501,15 +526,20 @@ static int op_memory(const OrtCustomOpABI* op, size_t i) { (void)op; (void)i; re
     {{ORT_API_VERSION_USED, NULL, op_name, op_provider, op_input_type, op_input_count, op_output_type, \
       op_output_count, NULL, DESTROY, op_required, op_required, op_memory, NULL, NULL, NULL, NULL,     \
       CREATE, COMPUTE, {NULL}},                                                                        \
-     NAME, N_IN, {__VA_ARGS__}}
+     NAME, N_IN, {__VA_ARGS__}, {RWKVQ_KERNELS_EXACT, RWKVQ_ISA_SCALAR}}
 
 static RwkvqOp vq_matmul_op = RWKVQ_OP("VQMatMul", vq_matmul_create, vq_matmul_compute, free, 4, T_FLOAT, T_UINT8,
                                        T_INT8, T_FLOAT);
 static RwkvqOp vq_elementwise_op = RWKVQ_OP("VQElementwise", vq_elementwise_create, vq_elementwise_compute, free, 3,
                                             T_FLOAT, T_UINT8, T_FLOAT);
 
+/* What each registration copies (with its session's mode) into the domain it registers. */
+static const RwkvqOp* const op_templates[] = {&vq_matmul_op, &vq_elementwise_op};
+enum { N_OPS = sizeof op_templates / sizeof op_templates[0] };
+
 static char registered_version[64];
 static int abi_checked;
+static rwkvq_mode registered_mode = {-1, -1};
 
 /* A status round trip through the declared table: 1 when CreateStatus / GetErrorMessage / ReleaseStatus sit
  * where this file says they do. */
@@ -520,6 +550,89 @@ static int abi_round_trip(const OrtFn* api) {
     return ok;
 }
 
+/* Session config entry `key` into value (cap bytes): 1 found, 0 absent, -1 unreadable (longer than cap - 1). */
+static int config_entry(const OrtFn* api, const void* options, const char* key, char* value, size_t cap) {
+    int has = 0;
+    OrtStatus* st = API(api, ORT_HasSessionConfigEntry, HasSessionConfigEntryFn)(options, key, &has);
+    if (st) return release(api, st), -1;
+    if (!has) return 0;
+    size_t size = cap;
+    st = API(api, ORT_GetSessionConfigEntry, GetSessionConfigEntryFn)(options, key, value, &size);
+    if (st) return release(api, st), -1;
+    return 1;
+}
+
+/* A config round trip on a scratch SessionOptions: 1 when Has/GetSessionConfigEntry (and the calls around them)
+ * sit where this file says they do, so reading the caller's options is safe. */
+static int config_round_trip(const OrtFn* api) {
+    void* options = NULL;
+    OrtStatus* st = API(api, ORT_CreateSessionOptions, CreateSessionOptionsFn)(&options);
+    if (st) return release(api, st), 0;
+    char value[16] = "";
+    int ok = 0;
+    st = API(api, ORT_AddSessionConfigEntry, AddSessionConfigEntryFn)(options, "rwkvq.abi_check", "round trip");
+    if (st)
+        release(api, st);
+    else
+        ok = config_entry(api, options, "rwkvq.abi_check", value, sizeof value) == 1 &&
+             strcmp(value, "round trip") == 0 && config_entry(api, options, "rwkvq.absent", value, sizeof value) == 0;
+    API(api, ORT_ReleaseSessionOptions, ReleaseSessionOptionsFn)(options);
+    return ok;
+}
+
+/* The instruction sets this CPU supports, "scalar, avx2, ...", into buf. */
+static const char* supported_isas(char* buf, size_t cap) {
+    size_t used = 0;
+    buf[0] = 0;
+    for (int isa = 0; isa < RWKVQ_ISA_COUNT && used < cap; ++isa)
+        if (rwkvq_isa_supported(isa))
+            used += (size_t)snprintf(buf + used, cap - used, used ? ", %s" : "%s", rwkvq_isa_name(isa));
+    return buf;
+}
+
+/* A one-line registration error about a session config entry (not about a node). */
+static OrtStatus* refuse_config(const OrtFn* api, const char* key, const char* value, const char* problem) {
+    char msg[320];
+    snprintf(msg, sizeof msg, "%s=%.40s: %s", key, value, problem);
+    for (char* c = msg; *c; ++c)
+        if ((unsigned char)*c < 0x20) *c = '?';
+    return API(api, ORT_CreateStatus, CreateStatusFn)(ORT_INVALID_ARGUMENT, msg);
+}
+
+/* The session's mode from its config entries (see the top of this file). */
+static OrtStatus* session_mode(const OrtFn* api, const void* options, rwkvq_mode* mode) {
+    if (!config_round_trip(api))
+        return API(api, ORT_CreateStatus, CreateStatusFn)(
+            ORT_FAIL, "rwkvq: onnxruntime's session config entries are not readable through this library's ABI "
+                      "declarations (Has/GetSessionConfigEntry round trip failed)");
+    *mode = rwkvq_default_mode();
+    char value[64];
+    int found = config_entry(api, options, "rwkvq.kernels", value, sizeof value);
+    if (found < 0) return refuse_config(api, "rwkvq.kernels", "?", "unreadable value (expected exact or fast)");
+    if (found) {
+        mode->kernels = rwkvq_kernels_parse(value);
+        if (mode->kernels < 0) return refuse_config(api, "rwkvq.kernels", value, "unknown value (expected exact or fast)");
+    }
+    found = config_entry(api, options, "rwkvq.isa", value, sizeof value);
+    if (found < 0) return refuse_config(api, "rwkvq.isa", "?", "unreadable value");
+    if (found) {
+        char list[96], problem[160];
+        /* "auto" keeps rwkvq_default_mode's choice: RWKVQ_ISA when it names a supported set, else the best */
+        mode->isa = strcmp(value, "auto") == 0 || !value[0] ? mode->isa : rwkvq_isa_parse(value);
+        if (mode->isa < 0) {
+            snprintf(problem, sizeof problem, "unknown instruction set (expected auto, scalar, avx2, avxvnni or "
+                                              "avx512vnni; this CPU supports %s)", supported_isas(list, sizeof list));
+            return refuse_config(api, "rwkvq.isa", value, problem);
+        }
+        if (!rwkvq_isa_supported(mode->isa)) {
+            snprintf(problem, sizeof problem, "this CPU does not support it (supported: %s)",
+                     supported_isas(list, sizeof list));
+            return refuse_config(api, "rwkvq.isa", value, problem);
+        }
+    }
+    return NULL;
+}
+
 /* The entry point register_custom_ops_library looks up. */
 OrtStatus* RegisterCustomOps(void* session_options, const OrtApiBase* base) {
     const OrtFn* api = base->GetApi(ORT_API_VERSION_USED);
@@ -528,11 +641,20 @@ OrtStatus* RegisterCustomOps(void* session_options, const OrtApiBase* base) {
     abi_checked = abi_round_trip(api) ? 1 : -1;
     const OrtFn* api17 = base->GetApi(ORT_API_VERSION_PARALLEL_FOR);
     parallel_for_api = api17 ? API(api17, ORT_KernelContext_ParallelFor, KernelContextParallelForFn) : NULL;
+    rwkvq_mode mode;
+    TRY(session_mode(api, session_options, &mode));
+    /* this session's copies of the ops; like the domain they live as long as the process (sessions made from
+     * these options may outlive the options, and onnxruntime never hands them back) */
+    RwkvqOp* ops = (RwkvqOp*)malloc(sizeof(RwkvqOp) * N_OPS);
+    if (!ops) return API(api, ORT_CreateStatus, CreateStatusFn)(ORT_FAIL, "rwkvq: out of memory");
     void* domain = NULL;
     TRY(API(api, ORT_CreateCustomOpDomain, CreateCustomOpDomainFn)("rwkvq", &domain));
-    TRY(API(api, ORT_CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &vq_matmul_op.abi));
-    TRY(API(api, ORT_CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &vq_elementwise_op.abi));
-    /* the domain lives as long as the process: sessions made from these options may outlive the options */
+    for (int i = 0; i < N_OPS; ++i) {
+        ops[i] = *op_templates[i];
+        ops[i].mode = mode;
+        TRY(API(api, ORT_CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &ops[i].abi));
+    }
+    registered_mode = mode;
     return API(api, ORT_AddCustomOpDomain, AddCustomOpDomainFn)(session_options, domain);
 }
 
@@ -540,5 +662,8 @@ OrtStatus* RegisterCustomOps(void* session_options, const OrtApiBase* base) {
  * (1 yes, -1 no, 0 not registered yet). */
 const char* rwkvq_ort_version(void) { return registered_version; }
 int rwkvq_ort_abi_ok(void) { return abi_checked; }
+/* The mode of the latest successful registration: kernels (RWKVQ_KERNELS_*) and isa (RWKVQ_ISA_*); -1 before. */
+int rwkvq_ort_registered_kernels(void) { return registered_mode.kernels; }
+int rwkvq_ort_registered_isa(void) { return registered_mode.isa; }
 /* 1 when the ops run their pieces on onnxruntime's intra-op pool (KernelContext_ParallelFor was found) */
 int rwkvq_ort_thread_pool(void) { return parallel_for_api != NULL; }

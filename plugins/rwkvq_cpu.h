@@ -4,6 +4,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "rwkvq_dispatch.h"
+
 /* at most this many activation rows take the table-lookup GEMV; more take the panel GEMM (measured
  * crossover at 3072x768: 4 rows GEMV 1.9 ms = GEMM 2.0 ms; 6 rows 2.8 vs 1.9) */
 #define RWKVQ_GEMV_MAX_ROWS 4
@@ -32,15 +34,20 @@ const char* rwkvq_ew_check_payload(int64_t bits, int64_t n, int codes_rank, cons
                                    const int64_t* book_dims, char* msg, size_t cap);
 
 /* Status codes of the entry points below. */
-enum { RWKVQ_OK = 0, RWKVQ_NO_MEMORY = -1, RWKVQ_BAD_SIZES = -2 };
+enum { RWKVQ_OK = 0, RWKVQ_NO_MEMORY = -1, RWKVQ_BAD_SIZES = -2, RWKVQ_BAD_MODE = -3 };
 
 /* y[M, N] = x[M, K] @ W^T for a vector-quantized W (table-lookup GEMV for few rows, tiled GEMM otherwise).
  * Returns 0, -1 when scratch memory cannot be allocated, or -2 when the sizes fail rwkvq_vq_check_layout or
- * row_bytes is not the layout's (the buffers must hold what the sizes say: rwkvq_vq_check_payload). */
+ * row_bytes is not the layout's (the buffers must hold what the sizes say: rwkvq_vq_check_payload), -3 when the
+ * mode's numerics are unknown or its instruction set is one this CPU lacks.
+ * mode.isa picks the instruction set; mode.kernels == RWKVQ_KERNELS_FAST makes the GEMV (decode) quantize the
+ * activations to int8 per block of 32 where the layout allows it (vq_fast.h); the GEMM (prefill) is exact. */
 int rwkvq_vq_matmul(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
-                    const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
+                    const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits,
+                    rwkvq_mode mode);
 int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
-                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
+                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits,
+                  rwkvq_mode mode);
 /* below this much work (N * K * M) a GEMV runs on the calling thread alone */
 #define RWKVQ_PARALLEL_MIN_WORK 262144
 /* The GEMV split into independent pieces for a caller's own thread pool: rwkvq_vq_gemv_chunks pieces (-1 for
@@ -49,18 +56,19 @@ int rwkvq_vq_gemv(const float* x, int M, const uint8_t* codes, int row_bytes, co
 int rwkvq_vq_gemv_chunks(int N, int K, int M, int group_rows);
 int rwkvq_vq_gemv_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                         const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
-                        int bits, int chunk, int chunks);
+                        int bits, int chunk, int chunks, rwkvq_mode mode);
 /* The same split for the GEMM (prefill): pieces compute disjoint panels of y's columns (-1 for N < 1). */
 int rwkvq_vq_gemm_chunks(int N);
 int rwkvq_vq_gemm_chunk(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                         const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
-                        int bits, int chunk, int chunks);
+                        int bits, int chunk, int chunks, rwkvq_mode mode);
 int rwkvq_vq_gemm(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
-                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits);
+                  const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols, int bits,
+                  rwkvq_mode mode);
 /* A piece of a split kernel (rwkvq_vq_gemv_chunk or rwkvq_vq_gemm_chunk). */
 typedef int (*rwkvq_chunk_fn)(const float* x, int M, const uint8_t* codes, int row_bytes, const int8_t* books,
                               const float* scales, float* y, int N, int K, int dim, int group_rows, int group_cols,
-                              int bits, int chunk, int chunks);
+                              int bits, int chunk, int chunks, rwkvq_mode mode);
 /* What rwkvq_vq_matmul runs for M activation rows: the piece function (GEMV up to RWKVQ_GEMV_MAX_ROWS rows, else
  * GEMM) and, in *chunks, how many pieces; for callers that bring their own thread pool. NULL for sizes out of
  * range. */

@@ -12,6 +12,10 @@
  *          and ggml's Q8 activations do).
  * The instruction set is the best this CPU supports unless session config "rwkvq.isa" (or, for processes that
  * do not go through a session, the environment variable RWKVQ_ISA) names another one it supports.
+ * Every instruction set above scalar requires AVX2, FMA, BMI1 and BMI2 (the AVX2 kernels use all four). The VNNI
+ * settings select CPUs that have them but run the AVX2 kernels for now: the int8 block sums they would compute
+ * are the same (maddubs cannot saturate on int8 codebooks times activations within [-127, 127]), and no CPU at
+ * hand could measure whether a vpdpbusd kernel pays.
  */
 #ifndef RWKVQ_DISPATCH_H
 #define RWKVQ_DISPATCH_H

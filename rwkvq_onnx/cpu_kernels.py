@@ -4,6 +4,12 @@ The same library is the onnxruntime custom-op library of the `rwkvq` ops
 (`library_path`); `vq_matmul` here runs its kernels directly: a threaded
 table-lookup GEMV for decode (few activation rows) and, for prefill, a
 GEMM that decodes a small tile of weight rows at a time.
+
+Every kernel takes a mode (`rwkvq_mode` in plugins/rwkvq_dispatch.h): the
+numerics ("exact" float, or "fast" int8 activations per block of 32 for the
+decode GEMV) and the instruction set ("scalar", "avx2", ...; "auto" is the
+best this CPU supports). The library is built for baseline x86-64 and picks
+the AVX2 code at run time.
 """
 from __future__ import annotations
 
@@ -17,6 +23,14 @@ from .errors import ConfigError
 from .opspec import vq_matmul as vq_matmul_spec
 
 GEMV_MAX_ROWS = 4  # RWKVQ_GEMV_MAX_ROWS in plugins/rwkvq_cpu.h: above it the tiled GEMM runs
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # RWKVQ_ISA_* in plugins/rwkvq_dispatch.h, in that order
+KERNELS = ("exact", "fast")  # RWKVQ_KERNELS_*
+
+
+class Mode(ctypes.Structure):
+    """rwkvq_mode of plugins/rwkvq_dispatch.h (passed by value to the kernels)."""
+
+    _fields_ = [("kernels", ctypes.c_int), ("isa", ctypes.c_int)]
 
 
 def library_path() -> Path | None:
@@ -36,8 +50,16 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     p, i = ctypes.c_void_p, ctypes.c_int
     for fn in (lib.rwkvq_vq_gemv, lib.rwkvq_vq_gemm, lib.rwkvq_vq_matmul):
-        fn.argtypes = [p, i, p, i, p, p, p, i, i, i, i, i, i]
+        fn.argtypes = [p, i, p, i, p, p, p, i, i, i, i, i, i, Mode]
         fn.restype = ctypes.c_int
+    lib.rwkvq_isa_supported.argtypes = [i]
+    lib.rwkvq_isa_supported.restype = i
+    lib.rwkvq_isa_best.restype = i
+    lib.rwkvq_default_mode.restype = Mode
+    lib.rwkvq_quantize_act8.argtypes = [p, ctypes.c_int64, p, p, i]
+    lib.rwkvq_quantize_act8.restype = i
+    lib.rwkvq_ort_registered_kernels.restype = i
+    lib.rwkvq_ort_registered_isa.restype = i
     lib.rwkvq_vq_decode.argtypes = [p, i, p, p, p, i, i, i, i, i, i]
     lib.rwkvq_vq_decode.restype = ctypes.c_int
     i64, dims = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
@@ -53,6 +75,49 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets this CPU (and this build) can run the kernels with, e.g. ["scalar", "avx2"]."""
+    lib = library()
+    if lib is None:
+        return []
+    return [name for isa, name in enumerate(ISAS) if lib.rwkvq_isa_supported(isa)]
+
+
+def best_isa() -> str | None:
+    """The instruction set "auto" picks: the best this CPU supports (None without the library)."""
+    lib = library()
+    return None if lib is None else ISAS[lib.rwkvq_isa_best()]
+
+
+def mode(kernels: str = "exact", isa: str = "auto") -> Mode:
+    """The kernel mode for a ctypes call; ConfigError (one line) for an unknown name or an unsupported isa.
+    "auto" is the RWKVQ_ISA environment variable when it names a supported set, else `best_isa()`."""
+    if kernels not in KERNELS:
+        raise ConfigError(f"kernels={kernels!r}: expected one of {', '.join(KERNELS)}")
+    lib = library()
+    if isa == "auto":  # as the sessions' "auto": RWKVQ_ISA when it names a supported set, else the best
+        isa = ISAS[lib.rwkvq_default_mode().isa] if lib is not None else "scalar"
+    if isa not in ISAS:
+        raise ConfigError(f"isa={isa!r}: expected auto or one of {', '.join(ISAS)}")
+    if isa not in supported_isas():
+        raise ConfigError(f"isa={isa}: this CPU does not support it (supported: {', '.join(supported_isas())})")
+    return Mode(KERNELS.index(kernels), ISAS.index(isa))
+
+
+def quantize_act8(x: np.ndarray, isa: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """The fast numerics' activation quantization of the native library (for tests and int8 kernels): x [n], n a
+    multiple of 32, to (q int8 [n], d float32 [n / 32]) with x ~= q * d per block of 32."""
+    lib = library()
+    if lib is None:
+        raise ConfigError("quantize_act8: the native library is not built")
+    x = np.ascontiguousarray(x, np.float32).ravel()
+    q, d = np.empty(x.size, np.int8), np.empty(x.size // 32, np.float32)
+    status = lib.rwkvq_quantize_act8(_ptr(x), x.size, _ptr(q), _ptr(d), mode("exact", isa).isa)
+    if status:
+        raise ConfigError(f"quantize_act8: {'a value is not finite' if status == 1 else 'size is not a multiple of 32'}")
+    return q, d
 
 
 def _ptr(a: np.ndarray) -> ctypes.c_void_p:
@@ -93,6 +158,8 @@ def _check_sizes(lib: ctypes.CDLL, entry: str, codes: np.ndarray, codebooks: np.
 def _check_status(status: int, entry: str) -> None:
     if status == -1:
         raise MemoryError(f"{entry}: out of memory")
+    if status == -3:
+        raise ConfigError(f"rwkvq.VQMatMul ({entry}): the kernel mode is not runnable on this CPU")
     if status != 0:
         raise ConfigError(f"rwkvq.VQMatMul ({entry}): sizes out of range")
 
@@ -114,16 +181,20 @@ def vq_decode(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, *, N
 
 
 def vq_matmul(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, *, N: int, K: int,
-              dim: int, group_rows: int, group_cols: int, index_bits: int, kernel: str = "auto") -> np.ndarray:
+              dim: int, group_rows: int, group_cols: int, index_bits: int, kernel: str = "auto",
+              kernels: str = "exact", isa: str = "auto") -> np.ndarray:
     """y = x @ W^T for a vector-quantized W (same result as `opspec.vq_matmul.reference`, float32).
 
     kernel: "auto" (GEMV up to GEMV_MAX_ROWS activation rows, else GEMM), "gemv" or "gemm" (for tests).
+    kernels / isa: the mode (see `mode`); "fast" changes the GEMV's numerics (int8 activations per block of 32),
+    not the GEMM's. The Python fallback (no library) always computes the exact reference.
     """
     attrs = dict(N=N, K=K, dim=dim, group_rows=group_rows, group_cols=group_cols, index_bits=index_bits)
     lib = library()
     x = np.asarray(x, np.float32)
     if lib is None:
         return vq_matmul_spec.reference(x, codes, codebooks, scales, **attrs).astype(np.float32)
+    run_mode = mode(kernels, isa)
     vq_matmul_spec.validate(attrs, codes, codebooks, scales, node="vq_matmul")  # the C code trusts its sizes
     _check_sizes(lib, "vq_matmul", codes, codebooks, scales, x.shape, attrs)
     lead = x.shape[:-1]
@@ -133,5 +204,5 @@ def vq_matmul(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: n
     scales = np.ascontiguousarray(scales, np.float32)
     y = np.empty((x2.shape[0], N), np.float32)
     _check_status(fn(_ptr(x2), x2.shape[0], _ptr(codes), codes.shape[1], _ptr(books), _ptr(scales), _ptr(y),
-                     N, K, dim, group_rows, group_cols, index_bits), f"rwkvq_vq_{kernel}")
+                     N, K, dim, group_rows, group_cols, index_bits, run_mode), f"rwkvq_vq_{kernel}")
     return y.reshape(*lead, N)

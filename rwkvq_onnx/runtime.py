@@ -26,8 +26,15 @@ from .paths import require_file
 StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def session_options(threads: int | None = None):
-    """Session options shared by every session the library opens (the rwkvq custom ops registered)."""
+def session_options(threads: int | None = None, kernels: str = "exact", isa: str = "auto"):
+    """Session options shared by every session the library opens (the rwkvq custom ops registered).
+
+    kernels: "exact" (float activations: the reference numerics) or "fast" (int8 activations per block of 32 in
+    the native VQMatMul decode GEMV); isa: "auto" (the RWKVQ_ISA environment variable when it names an instruction
+    set this CPU has, else the best it has) or "scalar", "avx2", "avxvnni",
+    "avx512vnni". The native library reads both when it is registered, so they are set first; an unknown value or
+    an instruction set this CPU lacks fails the registration with one line naming the setting.
+    """
     import onnxruntime as ort
 
     from .ortops import register
@@ -36,6 +43,8 @@ def session_options(threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    opts.add_session_config_entry("rwkvq.kernels", kernels)
+    opts.add_session_config_entry("rwkvq.isa", isa)
     opts.register_custom_ops_library(register())
     # exact MatMulNBits / fused DequantizeLinear+MatMul numerics (no int8 activations)
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")

@@ -216,7 +216,7 @@ def _prepare_onnx(model_path: Path, name: str, final: Path, kind: str | None, in
         library = native_op_library()
         log(f"kept the quantized ops ({', '.join(custom)}) in the graph; Triton's onnxruntime backend loads the "
             f"native op library {final / OP_LIBRARY_NAME} (model_operations; edit op_library_filename if the "
-            f"server mounts the repository elsewhere; built for this machine's CPU: -march=native)")
+            f"server mounts the repository elsewhere; built for baseline x86-64, AVX2 kernels chosen at run time)")
     text = model_config_text(name, "onnxruntime_onnx", config, max_batch=max_batch, kind=kind or "KIND_CPU",
                              instances=instances, logits_type=_graph_output_type(model, "logits"),
                              op_library=str(final / OP_LIBRARY_NAME) if library else None)

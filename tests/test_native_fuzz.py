@@ -471,11 +471,15 @@ def test_c_entry_points_refuse_bad_sizes():
     for attrs in bad:
         args = [attrs[k] for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits")]
         for fn in (lib.rwkvq_vq_gemv, lib.rwkvq_vq_gemm, lib.rwkvq_vq_matmul):
-            assert fn(None, 2, None, 9, None, None, None, *args) == -2, attrs
+            assert fn(None, 2, None, 9, None, None, None, *args, cpu_kernels.mode()) == -2, attrs
         assert lib.rwkvq_vq_decode(None, 9, None, None, None, *args) == -2, attrs
     args = [VQ_BASE[k] for k in ("N", "K", "dim", "group_rows", "group_cols", "index_bits")]
-    assert lib.rwkvq_vq_gemv(None, 2, None, 8, None, None, None, *args) == -2  # row_bytes is 9
-    assert lib.rwkvq_vq_gemv(None, -1, None, 9, None, None, None, *args) == -2  # negative rows
+    exact = cpu_kernels.mode()
+    assert lib.rwkvq_vq_gemv(None, 2, None, 8, None, None, None, *args, exact) == -2  # row_bytes is 9
+    assert lib.rwkvq_vq_gemv(None, -1, None, 9, None, None, None, *args, exact) == -2  # negative rows
+    # a mode with unknown numerics or an instruction set that does not exist: -3 before touching a buffer
+    for bad_mode in (cpu_kernels.Mode(7, 0), cpu_kernels.Mode(0, 99)):
+        assert lib.rwkvq_vq_gemv(None, 2, None, 9, None, None, None, *args, bad_mode) == -3
     assert lib.rwkvq_vq_gemv_chunks(20, 24, 1, 0) == -1 and lib.rwkvq_vq_gemm_chunks(0) == -1
 
 
