@@ -2,9 +2,13 @@
  * and zero points. Spec and numpy reference: rwkvq_onnx/opspec/sq_matmul.py.
  *
  *   x       float   [M, K]                     activations (K a multiple of 32)
- *   codes   uint8   [N, K/32 * 4 * bits]       per block of 32 weights of a row: `bits` bit planes of 4 bytes;
- *                                              bit i (little-endian in the 4 bytes) of plane p = bit p of the code
- *                                              of weight 32*block + i
+ *   codes   uint8   [N, K/32 * 4 * bits]       each block of 32 weights c_0..c_31 of a row in 4 * bits bytes:
+ *                                                bits 2: byte j = c_j | c_{j+8} << 2 | c_{j+16} << 4 | c_{j+24} << 6
+ *                                                bits 3: those 8 bytes of the low 2 bits, then a 4-byte plane whose
+ *                                                        bit i (little-endian) is bit 2 of c_i
+ *                                                bits 4: byte j = c_j | c_{j+16} << 4 (16 bytes)
+ *                                              (SIMD: one broadcast, one variable shift and one AND give the low
+ *                                              bits of all 32 weights; the plane costs a shuffle and a compare)
  *   scales  float16 [N, G]                     G = ceil(K / group_size), raw IEEE half bits
  *   zeros   uint8   [N, ceil(G * bits / 8)]    the G zero points of a row, `bits` bits each, little-endian bit stream
  *   y       float   [M, N]                     W[n, k] = (code[n, k] - zero[n, g]) * scale[n, g], g = k / group_size

@@ -121,15 +121,16 @@ static void row_groups(const uint16_t* scales, const uint8_t* zeros, int n, int 
     for (int g = 0; g < G; ++g) s[g] = half_to_float(srow[g]), z[g] = stream_value(zrow, g, bits);
 }
 
-/* the codes of one block of 32 weights */
+/* the codes of one block of 32 weights (layout: rwkvq_sq.h) */
 static void unpack_block(const uint8_t* p, int bits, uint8_t* c) {
-    uint32_t planes[4] = {0, 0, 0, 0};
-    for (int pl = 0; pl < bits; ++pl) memcpy(&planes[pl], p + 4 * pl, 4);
-    for (int i = 0; i < SQ_BLOCK; ++i) {
-        unsigned v = 0;
-        for (int pl = 0; pl < bits; ++pl) v |= ((planes[pl] >> i) & 1u) << pl;
-        c[i] = (uint8_t)v;
+    if (bits == 4) {
+        for (int j = 0; j < 16; ++j) c[j] = p[j] & 0x0f, c[j + 16] = p[j] >> 4;
+        return;
     }
+    for (int j = 0; j < 8; ++j)
+        for (int q = 0; q < 4; ++q) c[j + 8 * q] = (p[j] >> (2 * q)) & 3;
+    if (bits == 3)
+        for (int i = 0; i < SQ_BLOCK; ++i) c[i] |= ((p[8 + i / 8] >> (i % 8)) & 1) << 2;
 }
 
 /* columns [k0, k1) (multiples of 32) of W row n as floats into w */
@@ -208,7 +209,7 @@ int rwkvq_sq_quantize(const float* x, int M, int K, int group_size, void* acts) 
 
 /* ---- portable fast kernels (the same signatures as the SIMD instantiations) ------------------------------- */
 
-static void scalar_rows(const uint8_t* src, int packed, int bits, int MR, const float* s, const int* z,
+static void rows_scalar(const uint8_t* src, int packed, int bits, int MR, const float* s, const int* z,
                         const int8_t* q, const float* d, const float* T, int K, int nb, int G, int group_blocks,
                         float* y, int64_t ldy) {
     for (int r = 0; r < MR; ++r) {
@@ -232,15 +233,52 @@ static void scalar_rows(const uint8_t* src, int packed, int bits, int MR, const 
     }
 }
 
-static void scalar_unpack_rows(const uint8_t* codes, int64_t row_bytes, int rows, int nb, int bits, uint8_t* out) {
+static void panel_scalar(const uint8_t* w, int rows, int MR, const float* s, const int* z, const int8_t* q,
+                         const float* d, const float* T, int K, int nb, int G, int group_blocks, float* y,
+                         int64_t ldy) {
+    for (int r = 0; r < rows; ++r)
+        rows_scalar(w + (size_t)r * K, 0, 2, MR, s + (size_t)r * G, z + (size_t)r * G, q, d, T, K, nb, G, group_blocks,
+                    y + r, ldy);
+}
+
+static void unpack_rows_scalar(const uint8_t* codes, int64_t row_bytes, int rows, int nb, int bits, uint8_t* out) {
     for (int r = 0; r < rows; ++r)
         for (int b = 0; b < nb; ++b)
             unpack_block(codes + r * row_bytes + (size_t)b * 4 * bits, bits, out + ((size_t)r * nb + b) * SQ_BLOCK);
 }
 
+static void decode_rows_scalar(const uint8_t* codes, int64_t row_bytes, int rows, int b0, int b1, int bits,
+                               const float* s, const int* z, int G, int group_blocks, float* out, int64_t ldo) {
+    for (int r = 0; r < rows; ++r)
+        decode_row(codes + r * row_bytes, s + (size_t)r * G, z + (size_t)r * G, b0 * SQ_BLOCK, b1 * SQ_BLOCK, bits,
+                   group_blocks * SQ_BLOCK, out + r * ldo);
+}
+
+static void dot_rows_scalar(const float* w, const float* x, int64_t ldx, int MR, int n, float* y, int64_t ldy,
+                            int accumulate) {
+    for (int r = 0; r < MR; ++r) {
+        const float t = dot(x + r * ldx, w, n);
+        y[r * ldy] = accumulate ? y[r * ldy] + t : t;
+    }
+}
+
 typedef void (*rows_fn)(const uint8_t*, int, int, int, const float*, const int*, const int8_t*, const float*,
                         const float*, int, int, int, int, float*, int64_t);
 typedef void (*unpack_rows_fn)(const uint8_t*, int64_t, int, int, int, uint8_t*);
+typedef void (*panel_fn)(const uint8_t*, int, int, const float*, const int*, const int8_t*, const float*, const float*,
+                         int, int, int, int, float*, int64_t);
+typedef void (*decode_rows_fn)(const uint8_t*, int64_t, int, int, int, int, const float*, const int*, int, int, float*,
+                               int64_t);
+typedef void (*dot_rows_fn)(const float*, const float*, int64_t, int, int, float*, int64_t, int);
+
+/* the kernels of one instruction set */
+typedef struct {
+    rows_fn rows;
+    panel_fn panel;
+    unpack_rows_fn unpack_rows;
+    decode_rows_fn decode_rows;
+    dot_rows_fn dot_rows;
+} Kernels;
 
 #if SQ_X86
 #define SQ_ISA avx2
@@ -272,15 +310,18 @@ typedef void (*unpack_rows_fn)(const uint8_t*, int64_t, int, int, int, uint8_t*)
 #endif
 #endif
 
-/* the fast kernels of an instruction set; 0 when this build has none for it */
-static int fast_kernels(int isa, rows_fn* rows, unpack_rows_fn* unpack) {
+#define SQ_KERNELS(SUFFIX) \
+    (Kernels) { rows_##SUFFIX, panel_##SUFFIX, unpack_rows_##SUFFIX, decode_rows_##SUFFIX, dot_rows_##SUFFIX }
+
+/* the kernels of an instruction set; 0 when this build has none for it */
+static int isa_kernels(int isa, Kernels* k) {
     switch (isa) {
-    case RWKVQ_ISA_SCALAR: *rows = scalar_rows, *unpack = scalar_unpack_rows; return 1;
+    case RWKVQ_ISA_SCALAR: *k = SQ_KERNELS(scalar); return 1;
 #if SQ_X86
-    case RWKVQ_ISA_AVX2: *rows = rows_avx2, *unpack = unpack_rows_avx2; return 1;
+    case RWKVQ_ISA_AVX2: *k = SQ_KERNELS(avx2); return 1;
 #ifdef SQ_HAVE_VNNI
-    case RWKVQ_ISA_AVXVNNI: *rows = rows_avxvnni, *unpack = unpack_rows_avxvnni; return 1;
-    case RWKVQ_ISA_AVX512VNNI: *rows = rows_avx512vnni, *unpack = unpack_rows_avx512vnni; return 1;
+    case RWKVQ_ISA_AVXVNNI: *k = SQ_KERNELS(avxvnni); return 1;
+    case RWKVQ_ISA_AVX512VNNI: *k = SQ_KERNELS(avx512vnni); return 1;
 #endif
 #endif
     default: return 0;
@@ -300,41 +341,48 @@ typedef struct {
     float* y;
 } Call;
 
-static int exact_gemv(const Call* c, int n0, int n1) {
+/* the exact GEMV: each W row decoded to float once, dotted with every activation row */
+static int exact_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
     float* w = (float*)malloc(sizeof(float) * (size_t)c->K);
     float* s = (float*)malloc(sizeof(float) * (size_t)c->G);
     int* z = (int*)malloc(sizeof(int) * (size_t)c->G);
     int rc = w && s && z ? RWKVQ_OK : RWKVQ_NO_MEMORY;
+    const int group_blocks = c->group_size / SQ_BLOCK;
     for (int n = n0; n < n1 && !rc; ++n) {
         row_groups(c->scales, c->zeros, n, c->G, c->bits, s, z);
-        decode_row(c->codes + n * c->row_bytes, s, z, 0, c->K, c->bits, c->group_size, w);
-        for (int m = 0; m < c->M; ++m) c->y[(size_t)m * c->N + n] = dot(c->x + (size_t)m * c->K, w, c->K);
+        kn->decode_rows(c->codes + n * c->row_bytes, c->row_bytes, 1, 0, c->nb, c->bits, s, z, c->G, group_blocks, w,
+                        c->K);
+        for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
+            const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
+            kn->dot_rows(w, c->x + (size_t)m * c->K, c->K, mr, c->K, c->y + (size_t)m * c->N + n, c->N, 0);
+        }
     }
     free(w), free(s), free(z);
     return rc;
 }
 
-static int exact_gemm(const Call* c, int n0, int n1) {
+/* the exact GEMM: a panel of W rows x a block of columns decoded to float once, every activation row swept over
+ * it (the matching block of x stays in cache) */
+static int exact_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
     const int kc_max = c->K < SQ_KC ? c->K : SQ_KC;
     float* w = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * kc_max);
     float* s = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * c->G);
     int* z = (int*)malloc(sizeof(int) * (size_t)SQ_PANEL * c->G);
     if (!w || !s || !z) return free(w), free(s), free(z), RWKVQ_NO_MEMORY;
-    for (int m = 0; m < c->M; ++m)
-        for (int n = n0; n < n1; ++n) c->y[(size_t)m * c->N + n] = 0.0f;
+    const int group_blocks = c->group_size / SQ_BLOCK;
     for (int p = n0; p < n1; p += SQ_PANEL) {
         const int rows = n1 - p < SQ_PANEL ? n1 - p : SQ_PANEL;
         for (int r = 0; r < rows; ++r)
             row_groups(c->scales, c->zeros, p + r, c->G, c->bits, s + (size_t)r * c->G, z + (size_t)r * c->G);
         for (int k0 = 0; k0 < c->K; k0 += SQ_KC) {
             const int k1 = c->K - k0 < SQ_KC ? c->K : k0 + SQ_KC;
-            for (int r = 0; r < rows; ++r)
-                decode_row(c->codes + (p + r) * c->row_bytes, s + (size_t)r * c->G, z + (size_t)r * c->G, k0, k1,
-                           c->bits, c->group_size, w + (size_t)r * kc_max);
-            for (int m = 0; m < c->M; ++m) {
-                const float* xm = c->x + (size_t)m * c->K + k0;
-                float* ym = c->y + (size_t)m * c->N + p;
-                for (int r = 0; r < rows; ++r) ym[r] += dot(xm, w + (size_t)r * kc_max, k1 - k0);
+            kn->decode_rows(c->codes + p * c->row_bytes, c->row_bytes, rows, k0 / SQ_BLOCK, k1 / SQ_BLOCK, c->bits, s,
+                            z, c->G, group_blocks, w, kc_max);
+            for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
+                const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
+                for (int r = 0; r < rows; ++r)
+                    kn->dot_rows(w + (size_t)r * kc_max, c->x + (size_t)m * c->K + k0, c->K, mr, k1 - k0,
+                                 c->y + (size_t)m * c->N + p + r, c->N, k0 > 0);
             }
         }
     }
@@ -343,7 +391,7 @@ static int exact_gemm(const Call* c, int n0, int n1) {
 }
 
 /* the fast GEMV: codes unpacked in registers, up to RWKVQ_SQ_GEMV_MAX_ROWS activation rows per pass */
-static int fast_gemv(const Call* c, rows_fn rows, int n0, int n1) {
+static int fast_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
     float* s = (float*)malloc(sizeof(float) * (size_t)c->G);
     int* z = (int*)malloc(sizeof(int) * (size_t)c->G);
     int rc = s && z ? RWKVQ_OK : RWKVQ_NO_MEMORY;
@@ -352,7 +400,7 @@ static int fast_gemv(const Call* c, rows_fn rows, int n0, int n1) {
         row_groups(c->scales, c->zeros, n, c->G, c->bits, s, z);
         for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
             const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
-            rows(c->codes + n * c->row_bytes, 1, c->bits, mr, s, z, c->a.q + (size_t)m * c->K,
+            kn->rows(c->codes + n * c->row_bytes, 1, c->bits, mr, s, z, c->a.q + (size_t)m * c->K,
                  c->a.d + (size_t)m * c->nb, c->a.T + (size_t)m * c->G, c->K, c->nb, c->G, group_blocks,
                  c->y + (size_t)m * c->N + n, c->N);
         }
@@ -362,7 +410,7 @@ static int fast_gemv(const Call* c, rows_fn rows, int n0, int n1) {
 }
 
 /* the fast GEMM: a panel of W rows unpacked once, every activation row swept over it */
-static int fast_gemm(const Call* c, rows_fn rows, unpack_rows_fn unpack, int n0, int n1) {
+static int fast_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
     uint8_t* w = (uint8_t*)malloc((size_t)SQ_PANEL * c->K);
     float* s = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * c->G);
     int* z = (int*)malloc(sizeof(int) * (size_t)SQ_PANEL * c->G);
@@ -370,15 +418,13 @@ static int fast_gemm(const Call* c, rows_fn rows, unpack_rows_fn unpack, int n0,
     const int group_blocks = c->group_size / SQ_BLOCK;
     for (int p = n0; p < n1; p += SQ_PANEL) {
         const int panel = n1 - p < SQ_PANEL ? n1 - p : SQ_PANEL;
-        unpack(c->codes + p * c->row_bytes, c->row_bytes, panel, c->nb, c->bits, w);
+        kn->unpack_rows(c->codes + p * c->row_bytes, c->row_bytes, panel, c->nb, c->bits, w);
         for (int r = 0; r < panel; ++r)
             row_groups(c->scales, c->zeros, p + r, c->G, c->bits, s + (size_t)r * c->G, z + (size_t)r * c->G);
         for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
             const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
-            for (int r = 0; r < panel; ++r)
-                rows(w + (size_t)r * c->K, 0, c->bits, mr, s + (size_t)r * c->G, z + (size_t)r * c->G,
-                     c->a.q + (size_t)m * c->K, c->a.d + (size_t)m * c->nb, c->a.T + (size_t)m * c->G, c->K, c->nb,
-                     c->G, group_blocks, c->y + (size_t)m * c->N + p + r, c->N);
+            kn->panel(w, panel, mr, s, z, c->a.q + (size_t)m * c->K, c->a.d + (size_t)m * c->nb,
+                      c->a.T + (size_t)m * c->G, c->K, c->nb, c->G, group_blocks, c->y + (size_t)m * c->N + p, c->N);
         }
     }
     free(w), free(s), free(z);
@@ -404,17 +450,16 @@ static int run_chunk(int path, const float* x, const void* acts, int M, const ui
                      int chunk, int chunks) {
     if (bad_args(M, N, K, bits, group_size, kernels, isa) || chunk < 0 || chunk >= chunks) return RWKVQ_BAD_SIZES;
     if (kernels == RWKVQ_KERNELS_FAST && !acts) return RWKVQ_BAD_SIZES;
-    rows_fn rows = NULL;
-    unpack_rows_fn unpack = NULL;
-    if (kernels == RWKVQ_KERNELS_FAST && !fast_kernels(isa, &rows, &unpack)) return RWKVQ_BAD_SIZES;
+    Kernels kn;
+    if (!isa_kernels(isa, &kn)) return RWKVQ_BAD_SIZES;
     if (M == 0) return RWKVQ_OK;
     Call c = {x, {NULL, NULL, NULL}, M, N, K, bits, group_size, (int)ceil_div(K, group_size), K / SQ_BLOCK,
               (int64_t)K / SQ_BLOCK * 4 * bits, codes, scales, zeros, y};
     if (kernels == RWKVQ_KERNELS_FAST) c.a = acts_view(acts, M, K, group_size);
     const int n0 = (int)((int64_t)N * chunk / chunks), n1 = (int)((int64_t)N * (chunk + 1) / chunks);
     const int gemv = path_of(path, M) == SQ_PATH_GEMV;
-    if (kernels == RWKVQ_KERNELS_EXACT) return gemv ? exact_gemv(&c, n0, n1) : exact_gemm(&c, n0, n1);
-    return gemv ? fast_gemv(&c, rows, n0, n1) : fast_gemm(&c, rows, unpack, n0, n1);
+    if (kernels == RWKVQ_KERNELS_EXACT) return gemv ? exact_gemv(&c, &kn, n0, n1) : exact_gemm(&c, &kn, n0, n1);
+    return gemv ? fast_gemv(&c, &kn, n0, n1) : fast_gemm(&c, &kn, n0, n1);
 }
 
 int rwkvq_sq_chunk(const float* x, const void* acts, int M, const uint8_t* codes, const uint16_t* scales,

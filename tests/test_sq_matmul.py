@@ -63,15 +63,19 @@ def test_pack_and_reference_equal_the_dequantized_payload(bits, symmetric):
     assert got.dtype == np.float32 and np.abs(got - want).max() <= 1e-6 * _scale(want)
 
 
-def test_code_layout_is_bit_planes_per_block_of_32():
-    """Weight 32 + 5 with code 0b101: bit 5 of plane 0 and of plane 2 of block 1, nothing else."""
+@pytest.mark.parametrize("bits, expected", [
+    # weight 32 + 13 (block 1, j = 13) with code 0b101 / 0b01 / 0b1101
+    (3, {12 + 5: 1 << 2, 12 + 8 + 1: 1 << 5}),  # crumb byte 13 % 8 = 5, quarter 1 (bits 2-3); plane bit 13
+    (2, {8 + 5: 1 << 2}),
+    (4, {16 + 13: 0b1101}),  # low nibble of byte 13 of block 1
+])
+def test_code_layout(bits, expected):
     codes = np.zeros((1, 64), np.int64)
-    codes[0, 37] = 0b101
-    packed = sq_matmul.pack_codes(codes, 3)
-    expected = np.zeros(2 * 3 * 4, np.uint8)
-    expected[12 + 0] = 1 << 5  # block 1 starts at byte 12, plane 0, byte 0 (bits 0-7)
-    expected[12 + 8] = 1 << 5  # plane 2
-    np.testing.assert_array_equal(packed[0], expected)
+    codes[0, 45] = {3: 0b101, 2: 0b01, 4: 0b1101}[bits]
+    want = np.zeros(2 * 4 * bits, np.uint8)
+    for i, v in expected.items():
+        want[i] = v
+    np.testing.assert_array_equal(sq_matmul.pack_codes(codes, bits)[0], want)
 
 
 GOOD = dict(K=64, N=3, bits=3, group_size=32)

@@ -1,9 +1,12 @@
 """`rwkvq.SQMatMul(x, codes, scales, zero_points) -> y`: y = x @ W^T with W [N, K] packed 2/3/4-bit scalar codes.
 
     x            float32 [..., K]                 K a multiple of 32
-    codes        uint8   [N, K/32 * 4 * bits]     per block of 32 weights of a row: `bits` bit planes of 4 bytes;
-                                                  bit i (little-endian within the 4 bytes) of plane p is bit p of
-                                                  the code of weight 32 * block + i
+    codes        uint8   [N, K/32 * 4 * bits]     each block of 32 weights c_0..c_31 of a row in 4 * bits bytes
+                                                  (`pack_codes`):
+                                                    bits 2: byte j = c_j | c_{j+8} << 2 | c_{j+16} << 4 | c_{j+24} << 6
+                                                    bits 3: those 8 bytes of the low 2 bits, then a 4-byte bit plane:
+                                                            bit i (little-endian) is bit 2 of c_i
+                                                    bits 4: byte j = c_j | c_{j+16} << 4 (16 bytes)
     scales       float16 [N, G]                   G = ceil(K / group_size)
     zero_points  uint8   [N, ceil(G * bits / 8)]  the G zero points of a row, `bits` bits each (`bitpack` stream)
     y            float32 [..., N]
@@ -11,9 +14,11 @@
 W[n, k] = (code[n, k] - zero[n, k // group_size]) * scale[n, k // group_size].
 Attributes (all INT): K, N, bits (2, 3 or 4), group_size (a multiple of 32).
 
-Why bit planes: a block's plane is one 32-bit word whose bit i belongs to weight i, so a SIMD kernel spreads it over
-32 bytes with one shuffle and one compare, for any bit width (plugins/sq_simd.inc); the bytes stored are exactly
-bits/8 per weight. `validate` states what the kernels (plugins/sq_kernels.c, ort_ops.c) assume.
+Why this layout (plugins/sq_simd.inc): the 2-bit "crumbs" of a block are one 64-bit word; broadcast to four lanes and
+shifted right by 0, 2, 4, 6 bits, byte i of the result holds weight i in its low two bits (nibbles: two lanes, shifts 0
+and 4), so the AVX2 unpack of a 3-bit block is 3 operations plus 6 for the bit plane, where `bits` bit planes took 18
+(measured: the 3-bit GEMV ~1.6x faster; see tools/bench_sq_kernels.py). The bytes stored are exactly bits/8 per
+weight. `validate` states what the kernels (plugins/sq_kernels.c, ort_ops.c) assume.
 """
 from __future__ import annotations
 
@@ -100,24 +105,38 @@ def validate(attrs: Mapping[str, Any], codes: Any = None, scales: Any = None, ze
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """codes [N, K] ints in [0, 2**bits), K a multiple of 32 -> uint8 [N, K/32 * 4 * bits] bit planes."""
+    """codes [N, K] ints in [0, 2**bits), K a multiple of 32 -> uint8 [N, K/32 * 4 * bits] in the op's block layout."""
     c = np.asarray(codes)
     n, k = c.shape
     if k % BLOCK:
         raise ValueError(f"K={k} is not a multiple of {BLOCK}")
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is not 2, 3 or 4")
     if c.size and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
         raise ValueError(f"codes in [{int(c.min())}, {int(c.max())}] do not fit in {bits} unsigned bits")
-    blocks = c.reshape(n, k // BLOCK, 1, BLOCK).astype(np.int64)
-    planes = ((blocks >> np.arange(bits).reshape(1, 1, bits, 1)) & 1).astype(np.uint8)  # [N, K/32, bits, 32]
-    return np.packbits(planes, axis=-1, bitorder="little").reshape(n, k // BLOCK * 4 * bits)
+    blocks = c.reshape(n, k // BLOCK, BLOCK).astype(np.uint8)
+    if bits == 4:  # byte j: c_j | c_{j+16} << 4
+        return (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(n, -1)
+    quarters = (blocks & 3).reshape(n, k // BLOCK, 4, 8)  # [.., q, j] = low bits of c_{j + 8q}
+    crumbs = quarters[..., 0, :] | (quarters[..., 1, :] << 2) | (quarters[..., 2, :] << 4) | (quarters[..., 3, :] << 6)
+    if bits == 2:
+        return crumbs.reshape(n, -1)
+    plane = np.packbits((blocks >> 2) & 1, axis=-1, bitorder="little")  # [N, K/32, 4]
+    return np.concatenate([crumbs, plane], axis=-1).reshape(n, -1)
 
 
 def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Inverse of `pack_codes`: uint8 [N, K/32 * 4 * bits] -> int64 [N, K]."""
     p = np.asarray(packed, np.uint8)
     n = p.shape[0]
-    planes = np.unpackbits(p.reshape(n, k // BLOCK, bits, 4), axis=-1, bitorder="little").astype(np.int64)
-    return (planes << np.arange(bits).reshape(1, 1, bits, 1)).sum(axis=2).reshape(n, k)
+    blocks = p.reshape(n, k // BLOCK, 4 * bits).astype(np.int64)
+    if bits == 4:
+        return np.concatenate([blocks & 15, blocks >> 4], axis=-1).reshape(n, k)
+    crumbs = blocks[..., :8]
+    codes = np.concatenate([(crumbs >> (2 * q)) & 3 for q in range(4)], axis=-1)  # [.., 8q + j]
+    if bits == 3:
+        codes |= np.unpackbits(p.reshape(n, k // BLOCK, 12)[..., 8:], axis=-1, bitorder="little").astype(np.int64) << 2
+    return codes.reshape(n, k)
 
 
 def pack(q: ScalarQuantized) -> tuple[dict[str, np.ndarray], Attributes]:
