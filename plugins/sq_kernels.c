@@ -233,12 +233,22 @@ static void rows_scalar(const uint8_t* src, int packed, int bits, int MR, const 
     }
 }
 
-static void panel_scalar(const uint8_t* w, int rows, int MR, const float* s, const int* z, const int8_t* q,
-                         const float* d, const float* T, int K, int nb, int G, int group_blocks, float* y,
-                         int64_t ldy) {
+static void panel_scalar(const uint8_t* w, int rows, int MR, const float* sexp, const float* sz, const int8_t* q,
+                         const float* d, const float* T, int K, int nb, int G, float* ds, float* y, int64_t ldy) {
+    (void)ds;
     for (int r = 0; r < rows; ++r)
-        rows_scalar(w + (size_t)r * K, 0, 2, MR, s + (size_t)r * G, z + (size_t)r * G, q, d, T, K, nb, G, group_blocks,
-                    y + r, ldy);
+        for (int i = 0; i < MR; ++i) {
+            float acc = 0.0f, corr = 0.0f;
+            for (int b = 0; b < nb; ++b) {
+                const uint8_t* c = w + (size_t)r * K + (size_t)b * SQ_BLOCK;
+                const int8_t* qb = q + (size_t)i * K + (size_t)b * SQ_BLOCK;
+                int sum = 0;
+                for (int j = 0; j < SQ_BLOCK; ++j) sum += (int)c[j] * qb[j];
+                acc += (float)sum * (d[(size_t)i * nb + b] * sexp[(size_t)r * nb + b]);
+            }
+            for (int g = 0; g < G; ++g) corr += sz[(size_t)r * G + g] * T[(size_t)i * G + g];
+            y[i * ldy + r] = acc - corr;
+        }
 }
 
 static void unpack_rows_scalar(const uint8_t* codes, int64_t row_bytes, int rows, int nb, int bits, uint8_t* out) {
@@ -265,8 +275,8 @@ static void dot_rows_scalar(const float* w, const float* x, int64_t ldx, int MR,
 typedef void (*rows_fn)(const uint8_t*, int, int, int, const float*, const int*, const int8_t*, const float*,
                         const float*, int, int, int, int, float*, int64_t);
 typedef void (*unpack_rows_fn)(const uint8_t*, int64_t, int, int, int, uint8_t*);
-typedef void (*panel_fn)(const uint8_t*, int, int, const float*, const int*, const int8_t*, const float*, const float*,
-                         int, int, int, int, float*, int64_t);
+typedef void (*panel_fn)(const uint8_t*, int, int, const float*, const float*, const int8_t*, const float*,
+                         const float*, int, int, int, float*, float*, int64_t);
 typedef void (*decode_rows_fn)(const uint8_t*, int64_t, int, int, int, int, const float*, const int*, int, int, float*,
                                int64_t);
 typedef void (*dot_rows_fn)(const float*, const float*, int64_t, int, int, float*, int64_t, int);
@@ -414,21 +424,29 @@ static int fast_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
     uint8_t* w = (uint8_t*)malloc((size_t)SQ_PANEL * c->K);
     float* s = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * c->G);
     int* z = (int*)malloc(sizeof(int) * (size_t)SQ_PANEL * c->G);
-    if (!w || !s || !z) return free(w), free(s), free(z), RWKVQ_NO_MEMORY;
+    float* sz = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * c->G);
+    float* sexp = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * c->nb);
+    float* ds = (float*)malloc(sizeof(float) * (size_t)2 * RWKVQ_SQ_GEMV_MAX_ROWS * c->nb);
+    int rc = w && s && z && sz && sexp && ds ? RWKVQ_OK : RWKVQ_NO_MEMORY;
     const int group_blocks = c->group_size / SQ_BLOCK;
-    for (int p = n0; p < n1; p += SQ_PANEL) {
+    for (int p = n0; p < n1 && !rc; p += SQ_PANEL) {
         const int panel = n1 - p < SQ_PANEL ? n1 - p : SQ_PANEL;
         kn->unpack_rows(c->codes + p * c->row_bytes, c->row_bytes, panel, c->nb, c->bits, w);
-        for (int r = 0; r < panel; ++r)
-            row_groups(c->scales, c->zeros, p + r, c->G, c->bits, s + (size_t)r * c->G, z + (size_t)r * c->G);
+        for (int r = 0; r < panel; ++r) {
+            float* sr = s + (size_t)r * c->G;
+            int* zr = z + (size_t)r * c->G;
+            row_groups(c->scales, c->zeros, p + r, c->G, c->bits, sr, zr);
+            for (int g = 0; g < c->G; ++g) sz[(size_t)r * c->G + g] = sr[g] * (float)zr[g];
+            for (int b = 0; b < c->nb; ++b) sexp[(size_t)r * c->nb + b] = sr[b / group_blocks];
+        }
         for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
             const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
-            kn->panel(w, panel, mr, s, z, c->a.q + (size_t)m * c->K, c->a.d + (size_t)m * c->nb,
-                      c->a.T + (size_t)m * c->G, c->K, c->nb, c->G, group_blocks, c->y + (size_t)m * c->N + p, c->N);
+            kn->panel(w, panel, mr, sexp, sz, c->a.q + (size_t)m * c->K, c->a.d + (size_t)m * c->nb,
+                      c->a.T + (size_t)m * c->G, c->K, c->nb, c->G, ds, c->y + (size_t)m * c->N + p, c->N);
         }
     }
-    free(w), free(s), free(z);
-    return RWKVQ_OK;
+    free(w), free(s), free(z), free(sz), free(sexp), free(ds);
+    return rc;
 }
 
 static int path_of(int path, int M) {
