@@ -191,16 +191,20 @@ int rwkvq_sq_quantize(const float* x, int M, int K, int group_size, void* acts) 
             const float* xb = x + (size_t)m * K + (size_t)b * SQ_BLOCK;
             int8_t* qb = a.q + (size_t)m * K + (size_t)b * SQ_BLOCK;
             float amax = 0.0f;
-            for (int i = 0; i < SQ_BLOCK; ++i) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+            int nan = 0;
+            for (int i = 0; i < SQ_BLOCK; ++i) {
+                amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+                nan |= xb[i] != xb[i];
+            }
             const float d = amax / 127.0f;
             int sum = 0;
             for (int i = 0; i < SQ_BLOCK; ++i) {
-                float v = d > 0.0f ? nearbyintf(xb[i] / d) : 0.0f;
-                v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-                qb[i] = (int8_t)v;
+                const float v = d > 0.0f ? nearbyintf(xb[i] / d) : 0.0f;
+                /* in range unless x holds inf or NaN (then 0: the block scale below carries them into y) */
+                qb[i] = (int8_t)(v >= -127.0f && v <= 127.0f ? v : 0.0f);
                 sum += qb[i];
             }
-            a.d[(size_t)m * nb + b] = d;
+            a.d[(size_t)m * nb + b] = nan ? NAN : d; /* inf or NaN in x: inf or NaN scale, NaN in y */
             T[b / group_blocks] += d * (float)sum;
         }
     }

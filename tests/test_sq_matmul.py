@@ -223,6 +223,17 @@ def test_fast_kernels_stay_within_the_int8_activation_bound_and_agree_across_isa
             assert np.abs(y - fast["scalar"]).max() <= ISA_TOL * _scale(exact), (kernel, isa)
 
 
+def test_fast_kernels_carry_nan_and_inf_activations_into_the_output():
+    """A NaN or inf activation makes the fast path's output NaN (where the exact one is NaN or inf), not a number."""
+    arrays, attrs = sq_matmul.pack(_payload(np.random.default_rng(9), 8, 64, 3, 32))
+    x = np.ones((3, 64), np.float32)
+    x[0, 5], x[1, 40] = np.nan, np.inf
+    for isa in _runnable_isas():
+        for kernel in ("gemv", "gemm"):
+            y = cpu_kernels.sq_matmul(x, **arrays, **attrs.as_dict(), kernels="fast", isa=isa, kernel=kernel)
+            assert np.isnan(y[:2]).all() and np.isfinite(y[2]).all(), (isa, kernel)
+
+
 # ---- lowering to standard ops -------------------------------------------------------------------------------------
 
 def test_lowering_runs_in_plain_onnxruntime_and_equals_the_reference():
