@@ -5,7 +5,8 @@
  * fast:  x quantized once per call to int8 per block of 32 (rwkvq_sq_quantize), then integer block dot products
  *        with the unsigned codes: the GEMV unpacks each block of codes in registers and dots it with up to
  *        RWKVQ_SQ_GEMV_MAX_ROWS activation rows; the GEMM unpacks a panel of W rows once (one byte per weight)
- *        and sweeps every activation row over it, four at a time. Portable scalar code, and AVX2 / AVX-VNNI /
+ *        and sweeps every activation row over it in tiles of 2 W rows x 4 activation rows (the group scale folded
+ *        into the block scales, so the inner loop runs over all of K). Portable scalar code, and AVX2 / AVX-VNNI /
  *        AVX-512 VNNI instantiations of sq_simd.inc compiled with target attributes (no -march flag needed),
  *        chosen by the caller's `isa` (rwkvq_dispatch.h); an isa the CPU does not run is refused, never executed.
  *

@@ -207,7 +207,8 @@ def sq_matmul_mutants(seed: int = 0) -> list[Mutant]:
     out += _shape_mutants(rng, "SQMatMul", SQ_BASE, base, xs)
     K = SQ_BASE["K"]
     for shape in [(1, K + 1), (1, K - 1), (K,), (), (0, K), (2, 0, K), (3, 1), (1, 1, 1, 1, 1, 1, 1, 1, K)]:
-        out.append(Mutant(f"x shape {shape}", "SQMatMul", SQ_BASE, base, [rng.standard_normal(shape).astype(np.float32)]))
+        out.append(Mutant(f"x shape {shape}", "SQMatMul", SQ_BASE, base,
+                          [rng.standard_normal(shape).astype(np.float32)]))
     attrs = dict(SQ_BASE)
     del attrs["bits"]
     out.append(Mutant("bits missing", "SQMatMul", attrs, base, xs))
