@@ -2,8 +2,13 @@
 
     MatMul(x, W) -> MatMul(x, DequantizeLinear(Wq, scale, [zero], axis=0, block_size=g))    (--sq-format qdq)
     MatMul(x, W) -> com.microsoft.MatMulNBits(x, Wq, scales, zero_points)                    (--sq-format matmulnbits)
+    MatMul(x, W) -> rwkvq.SQMatMul(x, codes, scales, zero_points)                             (--sq-format sqmatmul)
 
-Codes of 2 or 3 bits travel in a 4-bit container (uint4/int4, or MatMulNBits
+SQMatMul stores 2, 3 and 4-bit codes packed at their own width (the bytes
+stored are the bits reported; `rwkvq_onnx.opspec.sq_matmul`); payloads it does
+not take (8 bits, K or group size not a multiple of 32) fall back to QDQ with
+a recorded reason, and in float16 graphs it runs in float32 between two Casts.
+For QDQ and MatMulNBits, codes of 2 or 3 bits travel in a 4-bit container (uint4/int4, or MatMulNBits
 bits=4). Symmetric payloads become int4 without a zero point (what TensorRT
 expects); asymmetric ones uint4 with zero points. MatMulNBits needs a
 power-of-two block of at least 16; other group sizes fall back to QDQ. AWQ
@@ -13,16 +18,19 @@ RWKV nothing upstream can absorb them.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from rwkvq_onnx.errors import ConfigError
+from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
+from rwkvq_onnx.opspec import sq_matmul
 from rwkvq_onnx.opspec.bitpack import pack_bits
 from rwkvq_onnx.quant import ScalarQuantized
 from rwkvq_onnx.quant.formats import Payloads
 
-from .base import Pass, PassResult, int4_constant, replace_nodes, weight_matmuls
+from .base import Pass, PassResult, int4_constant, is_float16, replace_nodes, weight_matmuls
 
-FORMATS = ("qdq", "matmulnbits")
+FORMATS = ("qdq", "matmulnbits", "sqmatmul")
 
 
 def qdq_constants(q: ScalarQuantized, name: str, dtype: np.dtype) -> list[gs.Constant]:
@@ -63,12 +71,30 @@ def is_matmulnbits_block(group_size: int) -> bool:
     return group_size >= 16 and group_size & (group_size - 1) == 0
 
 
+def sqmatmul_nodes(q: ScalarQuantized, w: str, node: gs.Node, x: gs.Tensor, y: gs.Tensor) -> list[gs.Node]:
+    """rwkvq.SQMatMul over the packed payload (constants W_codes, W_scales, W_zero_points), named like the MatMul it
+    replaces; Casts around it when the graph computes in float16 (the op takes and gives float32)."""
+    arrays, attrs = sq_matmul.pack(q)
+    inputs = [gs.Constant(f"{w}_{key}", arrays[key]) for key in sq_matmul.INPUTS[1:]]
+    nodes = []
+    fp16 = is_float16(node.inputs[1])
+    if fp16:
+        x32, y32 = gs.Variable(w + "_x32", dtype=np.float32), gs.Variable(w + "_y32", dtype=np.float32)
+        nodes.append(gs.Node("Cast", w + "_cast_in", {"to": onnx.TensorProto.FLOAT}, [x], [x32]))
+        x, y = x32, y32
+    nodes.append(gs.Node(sq_matmul.OP_TYPE, node.name, attrs.as_dict(), [x, *inputs], [y], domain=DOMAIN))
+    if fp16:
+        nodes.append(gs.Node("Cast", w + "_cast_out", {"to": onnx.TensorProto.FLOAT16}, [y], list(node.outputs)))
+    return nodes
+
+
 class RewriteScalar(Pass):
     name = "rewrite-scalar"
     requires = ("scalar",)
-    domains = {"com.microsoft": 1}
+    domains = {"com.microsoft": 1, DOMAIN: OPSET_VERSION}
     phrases = {"qdq": "rewrote {n} MatMuls to DequantizeLinear + MatMul",
-               "matmulnbits": "rewrote {n} MatMuls to MatMulNBits"}
+               "matmulnbits": "rewrote {n} MatMuls to MatMulNBits",
+               "sqmatmul": "rewrote {n} MatMuls to " + sq_matmul.QUALIFIED}
 
     def __init__(self, format: str = "qdq") -> None:
         if format not in FORMATS:
@@ -88,7 +114,11 @@ class RewriteScalar(Pass):
                 scaled = gs.Variable(w + "_awq_in", dtype=dtype)
                 nodes.append(gs.Node("Mul", w + "_awq_mul", {}, [x, inv], [scaled]))
                 x = scaled
-            if self.format == "matmulnbits" and is_matmulnbits_block(q.group_size):
+            why_not = sq_matmul.unsupported(q) if self.format == "sqmatmul" else None
+            if self.format == "sqmatmul" and why_not is None:
+                nodes += sqmatmul_nodes(q, w, node, x, y)
+                result.count("sqmatmul")
+            elif self.format == "matmulnbits" and is_matmulnbits_block(q.group_size):
                 n, k = q.shape
                 attrs = dict(K=k, N=n, bits=8 if q.bits == 8 else 4, block_size=q.group_size, accuracy_level=0)
                 nodes.append(gs.Node("MatMulNBits", node.name, attrs, [x, *matmulnbits_constants(q, w, dtype)], [y],
@@ -97,6 +127,8 @@ class RewriteScalar(Pass):
             else:
                 if self.format == "matmulnbits":
                     result.skipped[w] = f"group size {q.group_size} is not a power of two >= 16: QDQ instead"
+                if why_not is not None:
+                    result.skipped[w] = f"{why_not}: QDQ instead"
                 dq = gs.Variable(w + "_dq", dtype=dtype)
                 nodes += [gs.Node("DequantizeLinear", w + "_dequantize", {"axis": 0, "block_size": q.group_size},
                                   qdq_constants(q, w, dtype), [dq]),

@@ -1,4 +1,4 @@
-/* onnxruntime custom-op library for the `rwkvq` domain: VQMatMul and VQElementwise as native kernels.
+/* onnxruntime custom-op library for the `rwkvq` domain: VQMatMul, VQElementwise and SQMatMul as native kernels.
  *
  * Loaded with SessionOptions.register_custom_ops_library(<this .so>), which calls RegisterCustomOps below.
  * Each op call then costs a C function call instead of a round trip through Python (0.3 ms per op, which
@@ -41,6 +41,7 @@
 
 #include "rwkvq_cpu.h"
 #include "rwkvq_dispatch.h"
+#include "rwkvq_sq.h"
 
 /* ---- the hand-declared slice of the onnxruntime C ABI ---------------------------------------------- */
 
@@ -81,7 +82,7 @@ enum OrtApiIndex {
 
 enum { ORT_API_VERSION_USED = 16, ORT_API_VERSION_PARALLEL_FOR = 17 };
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
-enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3 };
+enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_FLOAT16 = 10 };
 enum { CHARACTERISTIC_REQUIRED = 0 };
 enum { MEM_TYPE_DEFAULT = 0 };
 enum { MAX_RANK = 8 };
@@ -217,6 +218,7 @@ static const char* type_name(int type) {
     case T_FLOAT: return "float32";
     case T_UINT8: return "uint8";
     case T_INT8: return "int8";
+    case T_FLOAT16: return "float16";
     default: return "another type";
     }
 }
@@ -511,6 +513,123 @@ static OrtStatus* vq_elementwise_compute(void* kernel, void* ctx) {
     return rc ? refuse(api, ORT_INVALID_ARGUMENT, node, "sizes out of range") : NULL;
 }
 
+/* ---- SQMatMul ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const OrtFn* api;
+    KernelContextParallelForFn parallel_for; /* onnxruntime's intra-op pool; NULL before API 17 */
+    rwkvq_mode mode;
+    int N, K, bits, group_size;
+    NodeLabel node;
+} SQMatMulKernel;
+
+/* One call split into pieces for onnxruntime's intra-op pool (the activations already quantized for fast). */
+typedef struct {
+    const SQMatMulKernel* k;
+    const float* x;
+    const void* acts;
+    int M, chunks;
+    const uint8_t* codes;
+    const uint16_t* scales;
+    const uint8_t* zeros;
+    float* y;
+    int failed;
+} SQMatMulJob;
+
+static void sq_matmul_piece(void* data, size_t i) {
+    SQMatMulJob* j = (SQMatMulJob*)data;
+    const SQMatMulKernel* k = j->k;
+    if (rwkvq_sq_chunk(j->x, j->acts, j->M, j->codes, j->scales, j->zeros, j->y, k->N, k->K, k->bits, k->group_size,
+                       k->mode.kernels, k->mode.isa, (int)i, j->chunks))
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+}
+
+static OrtStatus* sq_matmul_check_payload(const SQMatMulKernel* k, const Tensor* codes, const Tensor* scales,
+                                          const Tensor* zeros) {
+    char problem[320];
+    if (rwkvq_sq_check_payload(k->N, k->K, k->bits, k->group_size, (int)codes->rank, codes->dims, (int)scales->rank,
+                               scales->dims, (int)zeros->rank, zeros->dims, problem, sizeof problem))
+        return refuse(k->api, ORT_INVALID_ARGUMENT, &k->node, problem);
+    return NULL;
+}
+
+static const char* sq_matmul_inputs[4] = {"the input", "codes", "scales", "zero_points"};
+static const int sq_matmul_types[4] = {T_FLOAT, T_UINT8, T_FLOAT16, T_UINT8};
+
+static OrtStatus* sq_matmul_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
+    SQMatMulKernel k;
+    memset(&k, 0, sizeof k);
+    k.api = api, k.parallel_for = parallel_for_api, k.mode = op_mode(op);
+    node_label(api, info, "rwkvq.SQMatMul", &k.node);
+    int64_t v[4];
+    static const char* names[4] = {"N", "K", "bits", "group_size"};
+    for (int i = 0; i < 4; ++i) TRY(attr_int(api, &k.node, info, names[i], &v[i]));
+    char problem[320];
+    if (rwkvq_sq_check_layout(v[0], v[1], v[2], v[3], problem, sizeof problem))
+        return refuse(api, ORT_INVALID_ARGUMENT, &k.node, problem);
+    if (!rwkvq_isa_supported(k.mode.isa))
+        return refusef(api, &k.node, "instruction set %lld is not one this CPU runs", k.mode.isa, 0);
+    k.N = (int)v[0], k.K = (int)v[1], k.bits = (int)v[2], k.group_size = (int)v[3]; /* checked: all fit an int */
+    Tensor t[4];
+    int found[4] = {0, 0, 0, 0};
+    for (int i = 1; i < 4; ++i)
+        TRY(constant_input(api, &k.node, info, (size_t)i, sq_matmul_inputs[i], sq_matmul_types[i], &t[i], &found[i]));
+    if (found[1] && found[2] && found[3]) TRY(sq_matmul_check_payload(&k, &t[1], &t[2], &t[3]));
+    SQMatMulKernel* made = (SQMatMulKernel*)malloc(sizeof *made);
+    if (!made) return refuse(api, ORT_FAIL, &k.node, "out of memory");
+    *made = k;
+    *kernel = made;
+    return NULL;
+}
+
+static OrtStatus* sq_matmul_compute(void* kernel, void* ctx) {
+    const SQMatMulKernel* k = (const SQMatMulKernel*)kernel;
+    const OrtFn* api = k->api;
+    Tensor t[4];
+    for (int i = 0; i < 4; ++i)
+        TRY(input(api, &k->node, ctx, (size_t)i, sq_matmul_inputs[i], sq_matmul_types[i], &t[i]));
+    const Tensor *x = &t[0], *codes = &t[1], *scales = &t[2], *zeros = &t[3];
+    TRY(sq_matmul_check_payload(k, codes, scales, zeros));
+    char problem[320];
+    int64_t M = 0;
+    if (rwkvq_vq_check_rows(k->K, (int)x->rank, x->dims, &M, problem, sizeof problem))
+        return refuse(api, ORT_INVALID_ARGUMENT, &k->node, problem);
+    int64_t dims[MAX_RANK];
+    memcpy(dims, x->dims, sizeof(int64_t) * x->rank);
+    dims[x->rank - 1] = k->N;
+    float* y = NULL;
+    TRY(output(api, ctx, dims, x->rank, &y));
+    if (M == 0) return NULL;
+    if (!k->parallel_for) { /* onnxruntime before API 17: the OpenMP entry point */
+        const int rc = rwkvq_sq_matmul((const float*)x->data, (int)M, (const uint8_t*)codes->data,
+                                       (const uint16_t*)scales->data, (const uint8_t*)zeros->data, y, k->N, k->K,
+                                       k->bits, k->group_size, k->mode.kernels, k->mode.isa);
+        return rc == RWKVQ_NO_MEMORY ? refuse(api, ORT_FAIL, &k->node, "out of memory")
+               : rc                  ? refuse(api, ORT_INVALID_ARGUMENT, &k->node, "sizes out of range")
+                                     : NULL;
+    }
+    SQMatMulJob job = {k, (const float*)x->data, NULL, (int)M, rwkvq_sq_chunks((int)M, k->N, k->K),
+                       (const uint8_t*)codes->data, (const uint16_t*)scales->data, (const uint8_t*)zeros->data, y, 0};
+    if (job.chunks < 1) return refuse(api, ORT_INVALID_ARGUMENT, &k->node, "sizes out of range");
+    void* acts = NULL;
+    if (k->mode.kernels == RWKVQ_KERNELS_FAST) { /* the activations quantized once, read by every piece */
+        const int64_t bytes = rwkvq_sq_acts_bytes((int)M, k->K, k->group_size);
+        if (bytes < 0 || (uint64_t)bytes > SIZE_MAX)
+            return refuse(api, ORT_INVALID_ARGUMENT, &k->node, "sizes out of range");
+        if (!(acts = malloc((size_t)bytes))) return refuse(api, ORT_FAIL, &k->node, "out of memory");
+        rwkvq_sq_quantize(job.x, job.M, k->K, k->group_size, acts);
+        job.acts = acts;
+    }
+    OrtStatus* st = NULL;
+    if (job.chunks == 1)
+        sq_matmul_piece(&job, 0);
+    else
+        st = k->parallel_for(ctx, sq_matmul_piece, (size_t)job.chunks, 0, &job);
+    free(acts);
+    if (st) return st;
+    return job.failed ? refuse(api, ORT_FAIL, &k->node, "out of memory") : NULL;
+}
+
 /* ---- registration ------------------------------------------------------------------------------------ */
 
 static const char* op_name(const OrtCustomOpABI* op) { return ((const RwkvqOp*)op)->name; }
@@ -532,9 +651,11 @@ static RwkvqOp vq_matmul_op = RWKVQ_OP("VQMatMul", vq_matmul_create, vq_matmul_c
                                        T_INT8, T_FLOAT);
 static RwkvqOp vq_elementwise_op = RWKVQ_OP("VQElementwise", vq_elementwise_create, vq_elementwise_compute, free, 3,
                                             T_FLOAT, T_UINT8, T_FLOAT);
+static RwkvqOp sq_matmul_op = RWKVQ_OP("SQMatMul", sq_matmul_create, sq_matmul_compute, free, 4, T_FLOAT, T_UINT8,
+                                       T_FLOAT16, T_UINT8);
 
 /* What each registration copies (with its session's mode) into the domain it registers. */
-static const RwkvqOp* const op_templates[] = {&vq_matmul_op, &vq_elementwise_op};
+static const RwkvqOp* const op_templates[] = {&vq_matmul_op, &vq_elementwise_op, &sq_matmul_op};
 enum { N_OPS = sizeof op_templates / sizeof op_templates[0] };
 
 static char registered_version[64];

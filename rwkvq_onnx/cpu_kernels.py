@@ -3,7 +3,8 @@
 The same library is the onnxruntime custom-op library of the `rwkvq` ops
 (`library_path`); `vq_matmul` here runs its kernels directly: a threaded
 table-lookup GEMV for decode (few activation rows) and, for prefill, a
-GEMM that decodes a small tile of weight rows at a time.
+GEMM that decodes a small tile of weight rows at a time; `sq_matmul` runs the
+packed scalar kernels of `plugins/sq_kernels.c`.
 
 Every kernel takes a mode (`rwkvq_mode` in plugins/rwkvq_dispatch.h): the
 numerics ("exact" float, or "fast" int8 activations per block of 32 for the
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .opspec import sq_matmul as sq_matmul_spec
 from .opspec import vq_matmul as vq_matmul_spec
 
 GEMV_MAX_ROWS = 4  # RWKVQ_GEMV_MAX_ROWS in plugins/rwkvq_cpu.h: above it the tiled GEMM runs
@@ -67,6 +69,16 @@ def library() -> ctypes.CDLL | None:
     lib.rwkvq_vq_check_payload.restype = ctypes.c_char_p
     lib.rwkvq_vq_check_rows.argtypes = [i64, i, dims, dims, ctypes.c_char_p, ctypes.c_size_t]
     lib.rwkvq_vq_check_rows.restype = ctypes.c_char_p
+    for fn in (lib.rwkvq_sq_matmul, lib.rwkvq_sq_gemv, lib.rwkvq_sq_gemm):
+        fn.argtypes = [p, i, p, p, p, p, i, i, i, i, i, i]
+        fn.restype = ctypes.c_int
+    lib.rwkvq_sq_decode.argtypes = [p, p, p, p, i, i, i, i]
+    lib.rwkvq_sq_decode.restype = ctypes.c_int
+    lib.rwkvq_sq_check_payload.argtypes = [i64] * 4 + [i, dims] * 3 + [ctypes.c_char_p, ctypes.c_size_t]
+    lib.rwkvq_sq_check_payload.restype = ctypes.c_char_p
+    lib.rwkvq_isa_supported.argtypes = [i]
+    lib.rwkvq_isa_supported.restype = ctypes.c_int
+    lib.rwkvq_isa_best.restype = ctypes.c_int
     lib.rwkvq_ort_version.restype = ctypes.c_char_p
     lib.rwkvq_ort_abi_ok.restype = ctypes.c_int
     lib.rwkvq_ort_thread_pool.restype = ctypes.c_int
@@ -206,3 +218,78 @@ def vq_matmul(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray, scales: n
     _check_status(fn(_ptr(x2), x2.shape[0], _ptr(codes), codes.shape[1], _ptr(books), _ptr(scales), _ptr(y),
                      N, K, dim, group_rows, group_cols, index_bits, run_mode), f"rwkvq_vq_{kernel}")
     return y.reshape(*lead, N)
+
+
+def isa_supported(isa: str) -> bool:
+    """Whether this CPU (and this build) runs the kernels of instruction set `isa` (one of ISAS)."""
+    lib = library()
+    return lib is not None and isa in ISAS and bool(lib.rwkvq_isa_supported(ISAS.index(isa)))
+
+
+def _sq_arrays(entry: str, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, x_shape, attrs: dict):
+    """The payload as the C kernels read it, after the spec's and the library's own 64-bit checks (one-line
+    ConfigError naming the entry point)."""
+    lib = library()
+    where = f"rwkvq.SQMatMul ({entry})"
+    sq_matmul_spec.validate(attrs, codes, scales, zero_points, node=entry)
+    msg = ctypes.create_string_buffer(512)
+    shapes = [np.shape(a) for a in (codes, scales, zero_points)]
+    args = [v for sh in shapes for v in (len(sh), _dims(sh))]
+    values = [int(attrs[k]) for k in ("N", "K", "bits", "group_size")]
+    bad = lib.rwkvq_sq_check_payload(*values, *args, msg, len(msg))
+    if bad is None and x_shape is not None:
+        bad = lib.rwkvq_vq_check_rows(values[1], len(x_shape), _dims(x_shape), _dims((0,)), msg, len(msg))
+    if bad is not None:
+        raise ConfigError(f"{where}: {bad.decode()}")
+    return (np.ascontiguousarray(codes, np.uint8), np.ascontiguousarray(scales, np.float16),
+            np.ascontiguousarray(zero_points, np.uint8))
+
+
+def sq_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, *, K: int, N: int,
+              bits: int, group_size: int, kernels: str = "exact", isa: str = "auto",
+              kernel: str = "auto") -> np.ndarray:
+    """y = x @ W^T for packed scalar W (`opspec.sq_matmul`), float32.
+
+    kernels: "exact" (float, within 1e-5 of the reference) or "fast" (int8 activations per block of 32);
+    isa: "auto" (the best this CPU runs) or one of ISAS (ConfigError when this CPU does not run it);
+    kernel: "auto" (GEMV up to GEMV_MAX_ROWS activation rows, else GEMM), "gemv" or "gemm" (for tests).
+    Without the compiled library: the numpy reference (exact numerics only).
+    """
+    attrs = dict(K=K, N=N, bits=bits, group_size=group_size)
+    x = np.asarray(x, np.float32)
+    lib = library()
+    if kernels not in KERNELS:
+        raise ConfigError(f"rwkvq.SQMatMul: unknown kernels '{kernels}' (choose from {', '.join(KERNELS)})")
+    if lib is None:
+        if kernels != "exact":
+            raise ConfigError("rwkvq.SQMatMul: the fast kernels need the compiled library")
+        return sq_matmul_spec.reference(x, codes, scales, zero_points, **attrs)
+    code = int(lib.rwkvq_isa_best()) if isa == "auto" else ISAS.index(isa) if isa in ISAS else -1
+    if code < 0 or not lib.rwkvq_isa_supported(code):
+        raise ConfigError(f"rwkvq.SQMatMul: instruction set '{isa}' is not one this CPU runs")
+    codes, scales, zero_points = _sq_arrays("sq_matmul", codes, scales, zero_points, x.shape, attrs)
+    lead = x.shape[:-1]
+    x2 = np.ascontiguousarray(x.reshape(-1, K))
+    fn = {"auto": lib.rwkvq_sq_matmul, "gemv": lib.rwkvq_sq_gemv, "gemm": lib.rwkvq_sq_gemm}[kernel]
+    y = np.empty((x2.shape[0], N), np.float32)
+    status = fn(_ptr(x2), x2.shape[0], _ptr(codes), _ptr(scales), _ptr(zero_points), _ptr(y), N, K, bits,
+                group_size, KERNELS.index(kernels), code)
+    if status == -1:
+        raise MemoryError(f"rwkvq_sq_{kernel}: out of memory")
+    if status != 0:
+        raise ConfigError(f"rwkvq.SQMatMul (rwkvq_sq_{kernel}): sizes out of range")
+    return y.reshape(*lead, N)
+
+
+def sq_decode(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, *, K: int, N: int, bits: int,
+              group_size: int) -> np.ndarray:
+    """W [N, K] float32 from the packed payload (the native decoder; the reference without the library)."""
+    attrs = dict(K=K, N=N, bits=bits, group_size=group_size)
+    lib = library()
+    if lib is None:
+        return sq_matmul_spec.decode_weight(codes, scales, zero_points, **attrs)
+    codes, scales, zero_points = _sq_arrays("sq_decode", codes, scales, zero_points, None, attrs)
+    w = np.empty((N, K), np.float32)
+    if lib.rwkvq_sq_decode(_ptr(codes), _ptr(scales), _ptr(zero_points), _ptr(w), N, K, bits, group_size):
+        raise ConfigError("rwkvq.SQMatMul (rwkvq_sq_decode): sizes out of range")
+    return w

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import cpu_kernels
 from .names import DOMAIN
-from .opspec import vq_elementwise, vq_matmul
+from .opspec import sq_matmul, vq_elementwise, vq_matmul
 
 _REGISTERED = False
 
@@ -32,7 +32,8 @@ def register_python_ops() -> str:
     from onnxruntime_extensions import get_library_path, onnx_op
 
     if not _REGISTERED:
-        dtypes = {np.dtype(np.float32): T.dt_float, np.dtype(np.uint8): T.dt_uint8, np.dtype(np.int8): T.dt_int8}
+        dtypes = {np.dtype(np.float32): T.dt_float, np.dtype(np.uint8): T.dt_uint8, np.dtype(np.int8): T.dt_int8,
+                  np.dtype(np.float16): T.dt_float16}
 
         @onnx_op(op_type=f"{DOMAIN}::{vq_matmul.OP_TYPE}", inputs=[dtypes[d] for d in vq_matmul.INPUT_DTYPES],
                  outputs=[dtypes[vq_matmul.OUTPUT_DTYPE]], attrs={k: T.dt_int64 for k in vq_matmul.ATTRIBUTES})
@@ -45,6 +46,11 @@ def register_python_ops() -> str:
         def run_vq_elementwise(x, codes, codebook, **attrs):
             return vq_elementwise.reference(x, codes, codebook, index_bits=int(attrs["index_bits"]),
                                             shape=str(attrs["shape"]))
+
+        @onnx_op(op_type=f"{DOMAIN}::{sq_matmul.OP_TYPE}", inputs=[dtypes[d] for d in sq_matmul.INPUT_DTYPES],
+                 outputs=[dtypes[sq_matmul.OUTPUT_DTYPE]], attrs={k: T.dt_int64 for k in sq_matmul.ATTRIBUTES})
+        def run_sq_matmul(x, codes, scales, zero_points, **attrs):
+            return sq_matmul.reference(x, codes, scales, zero_points, **{k: int(v) for k, v in attrs.items()})
 
         _REGISTERED = True
     return get_library_path()

@@ -167,6 +167,9 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
     for node in m.graph.node:
         if node.op_type == "MatMulNBits":
             raise ConfigError("TensorRT cannot parse com.microsoft.MatMulNBits: quantize with --sq-format qdq")
+        if node.domain == DOMAIN and node.op_type == "SQMatMul":
+            raise ConfigError(f"{node.name}: TensorRT has no rwkvq.SQMatMul plugin: quantize with --sq-format qdq "
+                              "or --lower-vq")
         if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[2] in inits:
             raise ConfigError("TensorRT dequantizes with zero point 0: quantize with --sym sym for TensorRT")
     checked = check_custom_nodes(m)

@@ -1,13 +1,14 @@
 """Crafted rwkvq models against the native op library (issue 15): refused with one line naming the node, or the
 numpy reference's numbers; never a crash or a read outside a buffer.
 
-Every attribute and every initializer shape of VQMatMul and VQElementwise is mutated from small valid models
+Every attribute and every initializer shape of VQMatMul, VQElementwise and SQMatMul is mutated from small valid models
 (boundary values 0, 1, odd, 2^31, 2^32, negative, mismatched; truncated codes; wrong dtypes; malformed attribute
 types). All mutants run in one subprocess through onnxruntime with an AddressSanitizer + UBSan build of the
 library (plugins/build_asan.sh, built here with gcc); the subprocess reports each mutant's outcome, and its
 stderr must hold no sanitizer report. Each payload mutant runs twice: as initializers (checked when the kernel is
-created) and fed as graph inputs (checked at compute); VQMatMul payloads also go through the ctypes wrappers of
-rwkvq_onnx.cpu_kernels bound to the sanitized library (GEMV, OpenMP GEMM, decode). The same subprocess runner
+created) and fed as graph inputs (checked at compute); VQMatMul and SQMatMul payloads also go through the ctypes
+wrappers of rwkvq_onnx.cpu_kernels bound to the sanitized library (GEMV, OpenMP GEMM, decode; SQMatMul's exact and
+fast numerics). The same subprocess runner
 checks that the normal library refuses the three models that crashed it before (heap overflow, SIGFPE, SIGSEGV).
 
 Run as a script (`python tests/test_native_fuzz.py --child LIB DIR`) it is that subprocess.
@@ -28,6 +29,7 @@ import pytest
 
 from rwkvq_onnx import cpu_kernels
 from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
+from rwkvq_onnx.opspec import sq_matmul as sq_matmul_spec
 from rwkvq_onnx.opspec import vq_elementwise as vq_elementwise_spec
 from rwkvq_onnx.opspec import vq_matmul as vq_matmul_spec
 from rwkvq_onnx.opspec.bitpack import pack_bits
@@ -57,6 +59,8 @@ class Mutant:
 
 VQ_BASE = dict(N=20, K=24, dim=2, group_rows=8, group_cols=8, index_bits=6)
 EW_BASE = dict(index_bits=4, shape="1,1,24")
+SQ_BASE = dict(K=96, N=20, bits=3, group_size=64)
+SQ_ATTRS = ("K", "N", "bits", "group_size")
 
 
 def _ceil(a: int, b: int) -> int:
@@ -170,6 +174,49 @@ def vq_matmul_mutants(seed: int = 0) -> list[Mutant]:
     return out
 
 
+def _sq_payload(rng: np.random.Generator, K: int, N: int, bits: int, group_size: int) -> dict[str, np.ndarray]:
+    G = _ceil(K, group_size)
+    return {"codes": sq_matmul_spec.pack_codes(rng.integers(0, 1 << bits, (N, K)), bits),
+            "scales": (rng.random((N, G)) * 0.01 + 1e-3).astype(np.float16),
+            "zero_points": pack_bits(rng.integers(0, 1 << bits, (N, G)), bits)}
+
+
+def _sq_matching(attrs: dict) -> bool:
+    """attributes valid and small enough to build a payload that matches them"""
+    return (all(isinstance(attrs.get(k), int) for k in SQ_ATTRS) and 1 <= attrs["N"] <= 64
+            and 32 <= attrs["K"] <= 512 and attrs["K"] % 32 == 0 and attrs["bits"] in (2, 3, 4)
+            and 32 <= attrs["group_size"] <= 4096 and attrs["group_size"] % 32 == 0)
+
+
+def sq_matmul_mutants(seed: int = 0) -> list[Mutant]:
+    rng = np.random.default_rng(seed)
+    base = _sq_payload(rng, **SQ_BASE)
+    xs = _vq_xs(rng, SQ_BASE["K"])
+    out = [Mutant("valid", "SQMatMul", SQ_BASE, base, xs)]
+    for name, value in SQ_BASE.items():
+        for v in dict.fromkeys(BOUNDARY + [value - 1, value + 1, value * 2, value + 32, 2, 4, 5, 32, 48]):
+            attrs = {**SQ_BASE, name: v}
+            out.append(Mutant(f"{name}={v}", "SQMatMul", attrs, base, xs))
+            if _sq_matching(attrs):  # a payload that matches the mutated attributes: the attribute checks decide
+                out.append(Mutant(f"{name}={v} with a matching payload", "SQMatMul", attrs, _sq_payload(rng, **attrs),
+                                  _vq_xs(rng, attrs["K"])))
+    # valid layouts: every bit width, partial last groups, one group wider than K, GEMV and GEMM pieces
+    for k, n, bits, g in [(32, 1, 2, 32), (64, 33, 4, 96), (160, 17, 3, 64), (512, 64, 2, 128), (256, 40, 4, 4096)]:
+        attrs = dict(K=k, N=n, bits=bits, group_size=g)
+        out.append(Mutant(f"valid layout {attrs}", "SQMatMul", attrs, _sq_payload(rng, **attrs), _vq_xs(rng, k)))
+    out += _shape_mutants(rng, "SQMatMul", SQ_BASE, base, xs)
+    K = SQ_BASE["K"]
+    for shape in [(1, K + 1), (1, K - 1), (K,), (), (0, K), (2, 0, K), (3, 1), (1, 1, 1, 1, 1, 1, 1, 1, K)]:
+        out.append(Mutant(f"x shape {shape}", "SQMatMul", SQ_BASE, base,
+                          [rng.standard_normal(shape).astype(np.float32)]))
+    attrs = dict(SQ_BASE)
+    del attrs["bits"]
+    out.append(Mutant("bits missing", "SQMatMul", attrs, base, xs))
+    out.append(Mutant("bits a float", "SQMatMul", {**SQ_BASE, "bits": 3.0}, base, xs))
+    out.append(Mutant("group_size a string", "SQMatMul", {**SQ_BASE, "group_size": "64"}, base, xs))
+    return out
+
+
 def crash_mutants(rng: np.random.Generator | None = None) -> list[Mutant]:
     """The models that crashed the native library before issue 15: group_cols not a multiple of dim (heap overflow
     in row_dot_dim2), group_rows / group_cols of 2^32 (SIGFPE), group_rows of 2^31 with empty codebooks and scales
@@ -267,8 +314,8 @@ def run_mutants(mutants: list[Mutant], library: Path, folder: Path, env: dict | 
 def _ctypes_attrs(m: Mutant) -> dict | None:
     """The attributes to call the ctypes kernels with (VQMatMul initializer mutants whose six attributes are all
     integers), else None."""
-    names = ("N", "K", "dim", "group_rows", "group_cols", "index_bits")
-    if m.op != "VQMatMul" or m.as_inputs or not all(isinstance(m.attrs.get(k), int) for k in names):
+    names = {"VQMatMul": ("N", "K", "dim", "group_rows", "group_cols", "index_bits"), "SQMatMul": SQ_ATTRS}.get(m.op)
+    if names is None or m.as_inputs or not all(isinstance(m.attrs.get(k), int) for k in names):
         return None
     return {k: m.attrs[k] for k in names}
 
@@ -280,10 +327,20 @@ def _child_ctypes(library: str, folder: Path, i: int, n_xs: int, attrs: dict) ->
         cpu_kernels.library_path = lambda: Path(library)
         cpu_kernels.library.cache_clear()
     payload = np.load(folder / f"p{i}.npz")
-    arrays = [payload[k] for k in ("codes", "codebooks", "scales")]
     outcome: dict = {}
-    calls = {"decode": lambda: cpu_kernels.vq_decode(*arrays, **attrs)}
-    for j in range(n_xs):  # "auto": the GEMV for the one-row x, the GEMM (OpenMP pieces) for the six-row one
+    if "zero_points" in payload:  # SQMatMul: exact and fast numerics (the best instruction set this CPU runs)
+        arrays = [payload[k] for k in ("codes", "scales", "zero_points")]
+        calls = {"decode": lambda: cpu_kernels.sq_decode(*arrays, **attrs)}
+        for j in range(n_xs):
+            x = np.load(folder / f"x{i}_{j}.npy")
+            for kernels in ("exact", "fast"):
+                calls[f"{kernels}:{j}"] = lambda x=x, kernels=kernels: cpu_kernels.sq_matmul(x, *arrays,
+                                                                                             kernels=kernels, **attrs)
+    else:
+        arrays = [payload[k] for k in ("codes", "codebooks", "scales")]
+        calls = {"decode": lambda: cpu_kernels.vq_decode(*arrays, **attrs)}
+    for j in range(n_xs if "zero_points" not in payload else 0):
+        # "auto": the GEMV for the one-row x, the GEMM (OpenMP pieces) for the six-row one
         x = np.load(folder / f"x{i}_{j}.npy")
         calls[f"auto:{j}"] = lambda x=x: cpu_kernels.vq_matmul(x, *arrays, kernel="auto", **attrs)
     for key, call in calls.items():
@@ -331,6 +388,9 @@ def _assert_decodable(m: Mutant) -> None:
 
 
 def _reference(m: Mutant, x: np.ndarray) -> np.ndarray:
+    if m.op == "SQMatMul":
+        assert _sq_matching(m.attrs), f"{m.label}: ran with attributes the reference cannot decode"
+        return sq_matmul_spec.reference(x, *(m.inits[k] for k in sq_matmul_spec.INPUTS[1:]), **m.attrs)
     if m.op == "VQMatMul":
         _assert_decodable(m)
         return vq_matmul_spec.reference(x, m.inits["codes"], m.inits["codebooks"], m.inits["scales"], **m.attrs)
@@ -372,10 +432,14 @@ def check_outcomes(mutants: list[Mutant], reports: list[dict], folder: Path) -> 
     for m, r in zip(mutants, reports):
         for key, error in r.get("ctypes", {}).items():
             if error is not None:  # the wrappers' one-line ConfigError
-                assert "\n" not in error and error.startswith("rwkvq.VQMatMul"), f"{m.label} ctypes {key}: {error!r}"
+                assert "\n" not in error and error.startswith(f"rwkvq.{m.op}"), f"{m.label} ctypes {key}: {error!r}"
                 counts["refused"] += 1
                 continue
             got = np.load(folder / f"c{r['i']}_{key}.npy")
+            if m.op == "SQMatMul":
+                _check_sq_ctypes(m, key, got)
+                counts["ran"] += 1
+                continue
             if key == "decode":
                 _assert_decodable(m)
                 ref = vq_matmul_spec.decode_weight(*(m.inits[k] for k in ("codes", "codebooks", "scales")), **m.attrs)
@@ -386,6 +450,29 @@ def check_outcomes(mutants: list[Mutant], reports: list[dict], folder: Path) -> 
             assert np.abs(got - ref).max(initial=0.0) <= 1e-5 * scale, f"{m.label} ctypes {key}: wrong numbers"
             counts["ran"] += 1
     return counts
+
+
+def _check_sq_ctypes(m: Mutant, key: str, got: np.ndarray) -> None:
+    """An SQMatMul ctypes result: decode and exact numerics within 1e-5 of the reference (output scale); fast
+    numerics within the int8 activation bound (per block of 32, |x - d q| <= d/2 with d = max|x| / 127, so
+    |y_fast - y| <= sum_b d_b / 2 * sum_{i in b} |w_i|) plus the same 1e-5 for float rounding."""
+    inits = [m.inits[k] for k in sq_matmul_spec.INPUTS[1:]]
+    if key == "decode":
+        assert _sq_matching(m.attrs), f"{m.label}: decoded attributes the reference cannot decode"
+        np.testing.assert_array_equal(got, sq_matmul_spec.decode_weight(*inits, **m.attrs), err_msg=m.label)
+        return
+    kernels, j = key.split(":")
+    x = m.xs[int(j)]
+    ref = _reference(m, x)
+    assert got.shape == ref.shape, f"{m.label} ctypes {key}: shape {got.shape}, reference {ref.shape}"
+    slack = 1e-5 * max(float(np.abs(ref).max(initial=0.0)), 1.0)
+    bound = np.zeros(ref.shape)
+    if kernels == "fast" and ref.size:
+        w = np.abs(sq_matmul_spec.decode_weight(*inits, **m.attrs).astype(np.float64))
+        x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        d = np.abs(x2.reshape(len(x2), -1, 32)).max(axis=2) / 127.0
+        bound = ((d / 2) @ w.reshape(len(w), -1, 32).sum(axis=2).T).reshape(ref.shape)
+    assert (np.abs(got - ref) <= bound + slack).all(), f"{m.label} ctypes {key}: wrong numbers"
 
 
 def _sanitizer_runtime() -> tuple[str, str] | None:
@@ -416,10 +503,11 @@ def asan_library(tmp_path_factory) -> tuple[Path, str]:
     assert build.returncode == 0, build.stderr[-3000:]
     return out, runtime
 
-@pytest.mark.parametrize("op", ["VQMatMul", "VQElementwise"])
+@pytest.mark.parametrize("op", ["VQMatMul", "VQElementwise", "SQMatMul"])
 def test_mutated_models_are_refused_or_exact_under_asan(op, asan_library, tmp_path):
     library, runtime = asan_library
-    mutants = vq_matmul_mutants() if op == "VQMatMul" else vq_elementwise_mutants()
+    mutants = {"VQMatMul": vq_matmul_mutants, "VQElementwise": vq_elementwise_mutants,
+               "SQMatMul": sq_matmul_mutants}[op]()
     env = {**os.environ, "LD_PRELOAD": " ".join(filter(None, [runtime, os.environ.get("LD_PRELOAD")])),
            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1", "OMP_NUM_THREADS": "2"}

@@ -111,11 +111,13 @@ def test_every_method_tracks_fp_logits_at_4_bits(fixture_export, tmp_path, metho
 @pytest.mark.slow
 def test_report_bpw_matches_stored_bytes(fixture_export, tmp_path):
     name, fp = fixture_export
-    for method, fmt in (("gptvq", "qdq"), ("gptq", "qdq"), ("gptq", "matmulnbits")):
+    for method, fmt in (("gptvq", "qdq"), ("gptq", "qdq"), ("gptq", "matmulnbits"), ("gptq", "sqmatmul")):
         out = tmp_path / f"{method}-{fmt}.onnx"
         res = _q(fp, out, method=method, bpw=3.5 if method == "gptvq" else None, sq_format=fmt)
         model = onnx.load(out)
         inits = {t.name: t for t in model.graph.initializer}
+        if fmt == "sqmatmul":  # the fixtures' K (32, 64, 160, 224, 256) are multiples of 32: the op is used
+            assert any(n.op_type == "SQMatMul" for n in model.graph.node)
         report = res.report
         expected_stored = 0
         algorithmic = 0
@@ -133,7 +135,11 @@ def test_report_bpw_matches_stored_bytes(fixture_export, tmp_path):
             else:
                 g = k if cfg["group_size"] == 0 else min(cfg["group_size"], k)
                 groups = n * -(-k // g)
-                if fmt == "qdq":
+                sq_ok = k % 32 == 0 and g % 32 == 0 and cfg["bits"] in (2, 3, 4)
+                if fmt == "sqmatmul" and sq_ok:  # codes at their width, fp16 scales, zero points packed per row
+                    kb = -(-k // g)
+                    expected = n * k * cfg["bits"] // 8 + 2 * groups + n * -(-kb * cfg["bits"] // 8)
+                elif fmt in ("qdq", "sqmatmul"):
                     expected = -(-n * k // 2) + 4 * groups + (0 if cfg["symmetric"] else -(-groups // 2))
                 else:
                     kb = -(-k // g)

@@ -1,0 +1,546 @@
+/* CPU kernels of rwkvq.SQMatMul: packed 2/3/4-bit scalar weights (layout and numerics: rwkvq_sq.h).
+ *
+ * exact: W decoded to float (a row for the GEMV, a panel of rows x a column block for the GEMM, so the block of
+ *        x it is multiplied with stays in cache), float dot products.
+ * fast:  x quantized once per call to int8 per block of 32 (rwkvq_sq_quantize), then integer block dot products
+ *        with the unsigned codes: the GEMV unpacks each block of codes in registers and dots it with up to
+ *        RWKVQ_SQ_GEMV_MAX_ROWS activation rows; the GEMM unpacks a panel of W rows once (one byte per weight)
+ *        and sweeps every activation row over it in tiles of 2 W rows x 4 activation rows (the group scale folded
+ *        into the block scales, so the inner loop runs over all of K). Portable scalar code, and AVX2 / AVX-VNNI /
+ *        AVX-512 VNNI instantiations of sq_simd.inc compiled with target attributes (no -march flag needed),
+ *        chosen by the caller's `isa` (rwkvq_dispatch.h); an isa the CPU does not run is refused, never executed.
+ *
+ * Every exported entry point checks its int arguments in 64-bit arithmetic (rwkvq_sq_check_layout) before
+ * forming an index; the buffers must hold what the sizes say (rwkvq_sq_check_payload, checked by the callers).
+ */
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rwkvq_cpu.h"
+#include "rwkvq_dispatch.h"
+#include "rwkvq_sq.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SQ_X86 1
+#else
+#define SQ_X86 0
+#endif
+
+enum { SQ_BLOCK = 32, SQ_PANEL = 16, SQ_KC = 512, SQ_MAX_CHUNKS = 64 };
+enum { SQ_PATH_AUTO = 0, SQ_PATH_GEMV = 1, SQ_PATH_GEMM = 2 };
+
+/* ---- validation (64-bit arithmetic, before any size is narrowed to int) ----------------------------------- */
+
+static const char* refuse(char* msg, size_t cap, const char* fmt, long long a, long long b) {
+    snprintf(msg, cap, fmt, a, b);
+    return msg;
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+const char* rwkvq_sq_check_layout(int64_t N, int64_t K, int64_t bits, int64_t group_size, char* msg, size_t cap) {
+    if (N < 1 || N > INT_MAX) return refuse(msg, cap, "N=%lld is outside [1, 2^31)", N, 0);
+    if (K < 1 || K > INT_MAX) return refuse(msg, cap, "K=%lld is outside [1, 2^31)", K, 0);
+    if (bits < 2 || bits > 4) return refuse(msg, cap, "bits=%lld is not 2, 3 or 4", bits, 0);
+    if (group_size < SQ_BLOCK || group_size > INT_MAX || group_size % SQ_BLOCK)
+        return refuse(msg, cap, "group_size=%lld is not a multiple of 32 in [32, 2^31)", group_size, 0);
+    if (K % SQ_BLOCK) return refuse(msg, cap, "K=%lld is not a multiple of 32", K, 0);
+    /* row bytes K/32*4*bits = K*bits/8 <= K/2 and groups G <= K/32 stay within int once K does */
+    return NULL;
+}
+
+static const char* check_dims(const char* what, int rank, const int64_t* dims, int64_t d0, int64_t d1, char* msg,
+                              size_t cap) {
+    if (rank != 2) {
+        snprintf(msg, cap, "%s has rank %d, expected [%lld, %lld]", what, rank, (long long)d0, (long long)d1);
+        return msg;
+    }
+    if (dims[0] != d0 || dims[1] != d1) {
+        snprintf(msg, cap, "%s has shape [%lld, %lld], expected [%lld, %lld]", what, (long long)dims[0],
+                 (long long)dims[1], (long long)d0, (long long)d1);
+        return msg;
+    }
+    return NULL;
+}
+
+const char* rwkvq_sq_check_payload(int64_t N, int64_t K, int64_t bits, int64_t group_size, int codes_rank,
+                                   const int64_t* codes_dims, int scales_rank, const int64_t* scales_dims,
+                                   int zeros_rank, const int64_t* zeros_dims, char* msg, size_t cap) {
+    const char* bad = rwkvq_sq_check_layout(N, K, bits, group_size, msg, cap);
+    if (bad) return bad;
+    const int64_t G = ceil_div(K, group_size);
+    if ((bad = check_dims("codes", codes_rank, codes_dims, N, K / SQ_BLOCK * 4 * bits, msg, cap))) return bad;
+    if ((bad = check_dims("scales", scales_rank, scales_dims, N, G, msg, cap))) return bad;
+    return check_dims("zero_points", zeros_rank, zeros_dims, N, ceil_div(G * bits, 8), msg, cap);
+}
+
+/* the int arguments of an entry point: a layout that passes the checks, M >= 0, known kernels, a runnable isa */
+static int bad_args(int M, int N, int K, int bits, int group_size, int kernels, int isa) {
+    char msg[160];
+    if (rwkvq_sq_check_layout(N, K, bits, group_size, msg, sizeof msg) || M < 0) return 1;
+    if (kernels != RWKVQ_KERNELS_EXACT && kernels != RWKVQ_KERNELS_FAST) return 1;
+    return !rwkvq_isa_supported(isa);
+}
+
+/* ---- shared pieces ---------------------------------------------------------------------------------------- */
+
+/* IEEE half -> float in software (F16C is not baseline x86-64); exact for every value */
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else if (exp) {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    } else { /* zero or subnormal: mant * 2^-24 */
+        const float f = (float)mant * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* value j (bits wide, bits <= 8) of a little-endian bit stream; reads only bytes the value touches */
+static int stream_value(const uint8_t* row, int64_t j, int bits) {
+    const int64_t bit = j * bits;
+    unsigned v = row[bit >> 3];
+    if ((bit & 7) + bits > 8) v |= (unsigned)row[(bit >> 3) + 1] << 8;
+    return (int)((v >> (bit & 7)) & ((1u << bits) - 1));
+}
+
+/* one row's group scales (float) and zero points */
+static void row_groups(const uint16_t* scales, const uint8_t* zeros, int n, int G, int bits, float* s, int* z) {
+    const uint16_t* srow = scales + (size_t)n * G;
+    const uint8_t* zrow = zeros + (size_t)n * (size_t)ceil_div((int64_t)G * bits, 8);
+    for (int g = 0; g < G; ++g) s[g] = half_to_float(srow[g]), z[g] = stream_value(zrow, g, bits);
+}
+
+/* the codes of one block of 32 weights (layout: rwkvq_sq.h) */
+static void unpack_block(const uint8_t* p, int bits, uint8_t* c) {
+    if (bits == 4) {
+        for (int j = 0; j < 16; ++j) c[j] = p[j] & 0x0f, c[j + 16] = p[j] >> 4;
+        return;
+    }
+    for (int j = 0; j < 8; ++j)
+        for (int q = 0; q < 4; ++q) c[j + 8 * q] = (p[j] >> (2 * q)) & 3;
+    if (bits == 3)
+        for (int i = 0; i < SQ_BLOCK; ++i) c[i] |= ((p[8 + i / 8] >> (i % 8)) & 1) << 2;
+}
+
+/* columns [k0, k1) (multiples of 32) of W row n as floats into w */
+static void decode_row(const uint8_t* crow, const float* s, const int* z, int k0, int k1, int bits, int group_size,
+                       float* w) {
+    uint8_t c[SQ_BLOCK];
+    for (int k = k0; k < k1; k += SQ_BLOCK) {
+        unpack_block(crow + (size_t)(k / SQ_BLOCK) * 4 * bits, bits, c);
+        const int g = k / group_size;
+        for (int i = 0; i < SQ_BLOCK; ++i) w[k - k0 + i] = (float)((int)c[i] - z[g]) * s[g];
+    }
+}
+
+/* float dot product in eight independent partial sums (vectorizable without reassociation flags) */
+static float dot(const float* a, const float* b, int n) {
+    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; ++j) p[j] += a[i + j] * b[i + j];
+    float t = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    for (; i < n; ++i) t += a[i] * b[i];
+    return t;
+}
+
+/* ---- activations for the fast numerics -------------------------------------------------------------------
+ * acts = d float [M, nb] (block scales), T float [M, G] (group sums of d * sum q), q int8 [M, K]. */
+
+typedef struct {
+    float* d;
+    float* T;
+    int8_t* q;
+} Acts;
+
+static Acts acts_view(const void* acts, int M, int K, int group_size) {
+    const int64_t nb = K / SQ_BLOCK, G = ceil_div(K, group_size);
+    Acts a;
+    a.d = (float*)acts;
+    a.T = a.d + (size_t)M * nb;
+    a.q = (int8_t*)(a.T + (size_t)M * G);
+    return a;
+}
+
+int64_t rwkvq_sq_acts_bytes(int M, int K, int group_size) {
+    char msg[160];
+    if (M < 0 || rwkvq_sq_check_layout(1, K, 2, group_size, msg, sizeof msg)) return -1;
+    const int64_t nb = K / SQ_BLOCK, G = ceil_div(K, group_size);
+    return (int64_t)M * (4 * nb + 4 * G + K); /* < 2^31 * 2^33: no overflow */
+}
+
+int rwkvq_sq_quantize(const float* x, int M, int K, int group_size, void* acts) {
+    if (rwkvq_sq_acts_bytes(M, K, group_size) < 0) return RWKVQ_BAD_SIZES;
+    const int nb = K / SQ_BLOCK, G = (int)ceil_div(K, group_size), group_blocks = group_size / SQ_BLOCK;
+    Acts a = acts_view(acts, M, K, group_size);
+    for (int m = 0; m < M; ++m) {
+        float* T = a.T + (size_t)m * G;
+        for (int g = 0; g < G; ++g) T[g] = 0.0f;
+        for (int b = 0; b < nb; ++b) {
+            const float* xb = x + (size_t)m * K + (size_t)b * SQ_BLOCK;
+            int8_t* qb = a.q + (size_t)m * K + (size_t)b * SQ_BLOCK;
+            float amax = 0.0f;
+            int nan = 0;
+            for (int i = 0; i < SQ_BLOCK; ++i) {
+                amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+                nan |= xb[i] != xb[i];
+            }
+            const float d = amax / 127.0f;
+            int sum = 0;
+            for (int i = 0; i < SQ_BLOCK; ++i) {
+                const float v = d > 0.0f ? nearbyintf(xb[i] / d) : 0.0f;
+                /* in range unless x holds inf or NaN (then 0: the block scale below carries them into y) */
+                qb[i] = (int8_t)(v >= -127.0f && v <= 127.0f ? v : 0.0f);
+                sum += qb[i];
+            }
+            a.d[(size_t)m * nb + b] = nan ? NAN : d; /* inf or NaN in x: inf or NaN scale, NaN in y */
+            T[b / group_blocks] += d * (float)sum;
+        }
+    }
+    return RWKVQ_OK;
+}
+
+/* ---- portable fast kernels (the same signatures as the SIMD instantiations) ------------------------------- */
+
+static void rows_scalar(const uint8_t* src, int packed, int bits, int MR, const float* s, const int* z,
+                        const int8_t* q, const float* d, const float* T, int K, int nb, int G, int group_blocks,
+                        float* y, int64_t ldy) {
+    for (int r = 0; r < MR; ++r) {
+        float acc = 0.0f, corr = 0.0f;
+        for (int g = 0; g < G; ++g) {
+            const int b0 = g * group_blocks, b1 = b0 + group_blocks < nb ? b0 + group_blocks : nb;
+            float accg = 0.0f;
+            for (int b = b0; b < b1; ++b) {
+                uint8_t unpacked[SQ_BLOCK];
+                const uint8_t* c = src + (size_t)b * SQ_BLOCK;
+                if (packed) unpack_block(src + (size_t)b * 4 * bits, bits, unpacked), c = unpacked;
+                const int8_t* qb = q + (size_t)r * K + (size_t)b * SQ_BLOCK;
+                int sum = 0;
+                for (int i = 0; i < SQ_BLOCK; ++i) sum += (int)c[i] * qb[i];
+                accg += (float)sum * d[(size_t)r * nb + b];
+            }
+            acc += accg * s[g];
+            corr += s[g] * (float)z[g] * T[(size_t)r * G + g];
+        }
+        y[r * ldy] = acc - corr;
+    }
+}
+
+static void panel_scalar(const uint8_t* w, int rows, int MR, const float* sexp, const float* sz, const int8_t* q,
+                         const float* d, const float* T, int K, int nb, int G, float* ds, float* y, int64_t ldy) {
+    (void)ds;
+    for (int r = 0; r < rows; ++r)
+        for (int i = 0; i < MR; ++i) {
+            float acc = 0.0f, corr = 0.0f;
+            for (int b = 0; b < nb; ++b) {
+                const uint8_t* c = w + (size_t)r * K + (size_t)b * SQ_BLOCK;
+                const int8_t* qb = q + (size_t)i * K + (size_t)b * SQ_BLOCK;
+                int sum = 0;
+                for (int j = 0; j < SQ_BLOCK; ++j) sum += (int)c[j] * qb[j];
+                acc += (float)sum * (d[(size_t)i * nb + b] * sexp[(size_t)r * nb + b]);
+            }
+            for (int g = 0; g < G; ++g) corr += sz[(size_t)r * G + g] * T[(size_t)i * G + g];
+            y[i * ldy + r] = acc - corr;
+        }
+}
+
+static void unpack_rows_scalar(const uint8_t* codes, int64_t row_bytes, int rows, int nb, int bits, uint8_t* out) {
+    for (int r = 0; r < rows; ++r)
+        for (int b = 0; b < nb; ++b)
+            unpack_block(codes + r * row_bytes + (size_t)b * 4 * bits, bits, out + ((size_t)r * nb + b) * SQ_BLOCK);
+}
+
+static void decode_rows_scalar(const uint8_t* codes, int64_t row_bytes, int rows, int b0, int b1, int bits,
+                               const float* s, const int* z, int G, int group_blocks, float* out, int64_t ldo) {
+    for (int r = 0; r < rows; ++r)
+        decode_row(codes + r * row_bytes, s + (size_t)r * G, z + (size_t)r * G, b0 * SQ_BLOCK, b1 * SQ_BLOCK, bits,
+                   group_blocks * SQ_BLOCK, out + r * ldo);
+}
+
+static void dot_rows_scalar(const float* w, const float* x, int64_t ldx, int MR, int n, float* y, int64_t ldy,
+                            int accumulate) {
+    for (int r = 0; r < MR; ++r) {
+        const float t = dot(x + r * ldx, w, n);
+        y[r * ldy] = accumulate ? y[r * ldy] + t : t;
+    }
+}
+
+typedef void (*rows_fn)(const uint8_t*, int, int, int, const float*, const int*, const int8_t*, const float*,
+                        const float*, int, int, int, int, float*, int64_t);
+typedef void (*unpack_rows_fn)(const uint8_t*, int64_t, int, int, int, uint8_t*);
+typedef void (*panel_fn)(const uint8_t*, int, int, const float*, const float*, const int8_t*, const float*,
+                         const float*, int, int, int, float*, float*, int64_t);
+typedef void (*decode_rows_fn)(const uint8_t*, int64_t, int, int, int, int, const float*, const int*, int, int, float*,
+                               int64_t);
+typedef void (*dot_rows_fn)(const float*, const float*, int64_t, int, int, float*, int64_t, int);
+
+/* the kernels of one instruction set */
+typedef struct {
+    rows_fn rows;
+    panel_fn panel;
+    unpack_rows_fn unpack_rows;
+    decode_rows_fn decode_rows;
+    dot_rows_fn dot_rows;
+} Kernels;
+
+#if SQ_X86
+#define SQ_ISA avx2
+#define SQ_TARGET "avx2,fma,f16c"
+#define SQ_DOT(c, q) _mm256_madd_epi16(_mm256_maddubs_epi16((c), (q)), _mm256_set1_epi16(1))
+#include "sq_simd.inc"
+#undef SQ_ISA
+#undef SQ_TARGET
+#undef SQ_DOT
+
+#if defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11
+#define SQ_HAVE_VNNI 1
+#define SQ_ISA avxvnni
+#define SQ_TARGET "avx2,fma,f16c,avxvnni"
+#define SQ_DOT(c, q) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (c), (q))
+#include "sq_simd.inc"
+#undef SQ_ISA
+#undef SQ_TARGET
+#undef SQ_DOT
+
+/* the 256-bit EVEX form (AVX512VL): the kernels' blocks are 32 weights, one ymm register */
+#define SQ_ISA avx512vnni
+#define SQ_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+#define SQ_DOT(c, q) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (c), (q))
+#include "sq_simd.inc"
+#undef SQ_ISA
+#undef SQ_TARGET
+#undef SQ_DOT
+#endif
+#endif
+
+#define SQ_KERNELS(SUFFIX) \
+    (Kernels) { rows_##SUFFIX, panel_##SUFFIX, unpack_rows_##SUFFIX, decode_rows_##SUFFIX, dot_rows_##SUFFIX }
+
+/* the kernels of an instruction set; 0 when this build has none for it */
+static int isa_kernels(int isa, Kernels* k) {
+    switch (isa) {
+    case RWKVQ_ISA_SCALAR: *k = SQ_KERNELS(scalar); return 1;
+#if SQ_X86
+    case RWKVQ_ISA_AVX2: *k = SQ_KERNELS(avx2); return 1;
+#ifdef SQ_HAVE_VNNI
+    case RWKVQ_ISA_AVXVNNI: *k = SQ_KERNELS(avxvnni); return 1;
+    case RWKVQ_ISA_AVX512VNNI: *k = SQ_KERNELS(avx512vnni); return 1;
+#endif
+#endif
+    default: return 0;
+    }
+}
+
+/* ---- the pieces ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const float* x;
+    Acts a;
+    int M, N, K, bits, group_size, G, nb;
+    int64_t row_bytes;
+    const uint8_t* codes;
+    const uint16_t* scales;
+    const uint8_t* zeros;
+    float* y;
+} Call;
+
+/* the exact GEMV: each W row decoded to float once, dotted with every activation row */
+static int exact_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
+    float* w = (float*)malloc(sizeof(float) * (size_t)c->K);
+    float* s = (float*)malloc(sizeof(float) * (size_t)c->G);
+    int* z = (int*)malloc(sizeof(int) * (size_t)c->G);
+    int rc = w && s && z ? RWKVQ_OK : RWKVQ_NO_MEMORY;
+    const int group_blocks = c->group_size / SQ_BLOCK;
+    for (int n = n0; n < n1 && !rc; ++n) {
+        row_groups(c->scales, c->zeros, n, c->G, c->bits, s, z);
+        kn->decode_rows(c->codes + n * c->row_bytes, c->row_bytes, 1, 0, c->nb, c->bits, s, z, c->G, group_blocks, w,
+                        c->K);
+        for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
+            const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
+            kn->dot_rows(w, c->x + (size_t)m * c->K, c->K, mr, c->K, c->y + (size_t)m * c->N + n, c->N, 0);
+        }
+    }
+    free(w), free(s), free(z);
+    return rc;
+}
+
+/* the exact GEMM: a panel of W rows x a block of columns decoded to float once, every activation row swept over
+ * it (the matching block of x stays in cache) */
+static int exact_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
+    const int kc_max = c->K < SQ_KC ? c->K : SQ_KC;
+    float* w = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * kc_max);
+    float* s = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * c->G);
+    int* z = (int*)malloc(sizeof(int) * (size_t)SQ_PANEL * c->G);
+    if (!w || !s || !z) return free(w), free(s), free(z), RWKVQ_NO_MEMORY;
+    const int group_blocks = c->group_size / SQ_BLOCK;
+    for (int p = n0; p < n1; p += SQ_PANEL) {
+        const int rows = n1 - p < SQ_PANEL ? n1 - p : SQ_PANEL;
+        for (int r = 0; r < rows; ++r)
+            row_groups(c->scales, c->zeros, p + r, c->G, c->bits, s + (size_t)r * c->G, z + (size_t)r * c->G);
+        for (int k0 = 0; k0 < c->K; k0 += SQ_KC) {
+            const int k1 = c->K - k0 < SQ_KC ? c->K : k0 + SQ_KC;
+            kn->decode_rows(c->codes + p * c->row_bytes, c->row_bytes, rows, k0 / SQ_BLOCK, k1 / SQ_BLOCK, c->bits, s,
+                            z, c->G, group_blocks, w, kc_max);
+            for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
+                const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
+                for (int r = 0; r < rows; ++r)
+                    kn->dot_rows(w + (size_t)r * kc_max, c->x + (size_t)m * c->K + k0, c->K, mr, k1 - k0,
+                                 c->y + (size_t)m * c->N + p + r, c->N, k0 > 0);
+            }
+        }
+    }
+    free(w), free(s), free(z);
+    return RWKVQ_OK;
+}
+
+/* the fast GEMV: codes unpacked in registers, up to RWKVQ_SQ_GEMV_MAX_ROWS activation rows per pass */
+static int fast_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
+    float* s = (float*)malloc(sizeof(float) * (size_t)c->G);
+    int* z = (int*)malloc(sizeof(int) * (size_t)c->G);
+    int rc = s && z ? RWKVQ_OK : RWKVQ_NO_MEMORY;
+    const int group_blocks = c->group_size / SQ_BLOCK;
+    for (int n = n0; n < n1 && !rc; ++n) {
+        row_groups(c->scales, c->zeros, n, c->G, c->bits, s, z);
+        for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
+            const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
+            kn->rows(c->codes + n * c->row_bytes, 1, c->bits, mr, s, z, c->a.q + (size_t)m * c->K,
+                 c->a.d + (size_t)m * c->nb, c->a.T + (size_t)m * c->G, c->K, c->nb, c->G, group_blocks,
+                 c->y + (size_t)m * c->N + n, c->N);
+        }
+    }
+    free(s), free(z);
+    return rc;
+}
+
+/* the fast GEMM: a panel of W rows unpacked once, every activation row swept over it */
+static int fast_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
+    uint8_t* w = (uint8_t*)malloc((size_t)SQ_PANEL * c->K);
+    float* s = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * c->G);
+    int* z = (int*)malloc(sizeof(int) * (size_t)SQ_PANEL * c->G);
+    float* sz = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * c->G);
+    float* sexp = (float*)malloc(sizeof(float) * (size_t)SQ_PANEL * c->nb);
+    float* ds = (float*)malloc(sizeof(float) * (size_t)2 * RWKVQ_SQ_GEMV_MAX_ROWS * c->nb);
+    int rc = w && s && z && sz && sexp && ds ? RWKVQ_OK : RWKVQ_NO_MEMORY;
+    const int group_blocks = c->group_size / SQ_BLOCK;
+    for (int p = n0; p < n1 && !rc; p += SQ_PANEL) {
+        const int panel = n1 - p < SQ_PANEL ? n1 - p : SQ_PANEL;
+        kn->unpack_rows(c->codes + p * c->row_bytes, c->row_bytes, panel, c->nb, c->bits, w);
+        for (int r = 0; r < panel; ++r) {
+            float* sr = s + (size_t)r * c->G;
+            int* zr = z + (size_t)r * c->G;
+            row_groups(c->scales, c->zeros, p + r, c->G, c->bits, sr, zr);
+            for (int g = 0; g < c->G; ++g) sz[(size_t)r * c->G + g] = sr[g] * (float)zr[g];
+            for (int b = 0; b < c->nb; ++b) sexp[(size_t)r * c->nb + b] = sr[b / group_blocks];
+        }
+        for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
+            const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
+            kn->panel(w, panel, mr, sexp, sz, c->a.q + (size_t)m * c->K, c->a.d + (size_t)m * c->nb,
+                      c->a.T + (size_t)m * c->G, c->K, c->nb, c->G, ds, c->y + (size_t)m * c->N + p, c->N);
+        }
+    }
+    free(w), free(s), free(z), free(sz), free(sexp), free(ds);
+    return rc;
+}
+
+static int path_of(int path, int M) {
+    return path != SQ_PATH_AUTO ? path : M <= RWKVQ_SQ_GEMV_MAX_ROWS ? SQ_PATH_GEMV : SQ_PATH_GEMM;
+}
+
+static int chunks_of(int path, int M, int N, int K) {
+    if (M < 0 || N < 1 || K < 1) return -1;
+    if ((int64_t)M * N * K < RWKVQ_PARALLEL_MIN_WORK) return 1;
+    const int64_t rows = path_of(path, M) == SQ_PATH_GEMV ? 32 : SQ_PANEL;
+    const int64_t n = ceil_div(N, rows);
+    return n < SQ_MAX_CHUNKS ? (int)n : SQ_MAX_CHUNKS;
+}
+
+int rwkvq_sq_chunks(int M, int N, int K) { return chunks_of(SQ_PATH_AUTO, M, N, K); }
+
+static int run_chunk(int path, const float* x, const void* acts, int M, const uint8_t* codes, const uint16_t* scales,
+                     const uint8_t* zeros, float* y, int N, int K, int bits, int group_size, int kernels, int isa,
+                     int chunk, int chunks) {
+    if (bad_args(M, N, K, bits, group_size, kernels, isa) || chunk < 0 || chunk >= chunks) return RWKVQ_BAD_SIZES;
+    if (kernels == RWKVQ_KERNELS_FAST && !acts) return RWKVQ_BAD_SIZES;
+    Kernels kn;
+    if (!isa_kernels(isa, &kn)) return RWKVQ_BAD_SIZES;
+    if (M == 0) return RWKVQ_OK;
+    Call c = {x, {NULL, NULL, NULL}, M, N, K, bits, group_size, (int)ceil_div(K, group_size), K / SQ_BLOCK,
+              (int64_t)K / SQ_BLOCK * 4 * bits, codes, scales, zeros, y};
+    if (kernels == RWKVQ_KERNELS_FAST) c.a = acts_view(acts, M, K, group_size);
+    const int n0 = (int)((int64_t)N * chunk / chunks), n1 = (int)((int64_t)N * (chunk + 1) / chunks);
+    const int gemv = path_of(path, M) == SQ_PATH_GEMV;
+    if (kernels == RWKVQ_KERNELS_EXACT) return gemv ? exact_gemv(&c, &kn, n0, n1) : exact_gemm(&c, &kn, n0, n1);
+    return gemv ? fast_gemv(&c, &kn, n0, n1) : fast_gemm(&c, &kn, n0, n1);
+}
+
+int rwkvq_sq_chunk(const float* x, const void* acts, int M, const uint8_t* codes, const uint16_t* scales,
+                   const uint8_t* zeros, float* y, int N, int K, int bits, int group_size, int kernels, int isa,
+                   int chunk, int chunks) {
+    return run_chunk(SQ_PATH_AUTO, x, acts, M, codes, scales, zeros, y, N, K, bits, group_size, kernels, isa, chunk,
+                     chunks);
+}
+
+/* a whole call: activations quantized once, the pieces over OpenMP threads */
+static int run_all(int path, const float* x, int M, const uint8_t* codes, const uint16_t* scales,
+                   const uint8_t* zeros, float* y, int N, int K, int bits, int group_size, int kernels, int isa) {
+    if (bad_args(M, N, K, bits, group_size, kernels, isa)) return RWKVQ_BAD_SIZES;
+    if (M == 0) return RWKVQ_OK;
+    void* acts = NULL;
+    if (kernels == RWKVQ_KERNELS_FAST) {
+        const int64_t bytes = rwkvq_sq_acts_bytes(M, K, group_size);
+        if (bytes < 0 || (uint64_t)bytes > SIZE_MAX) return RWKVQ_BAD_SIZES;
+        if (!(acts = malloc((size_t)bytes > 0 ? (size_t)bytes : 1))) return RWKVQ_NO_MEMORY;
+        rwkvq_sq_quantize(x, M, K, group_size, acts);
+    }
+    const int chunks = chunks_of(path, M, N, K);
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : failed) if (chunks > 1)
+    for (int i = 0; i < chunks; ++i)
+        failed |= run_chunk(path, x, acts, M, codes, scales, zeros, y, N, K, bits, group_size, kernels, isa, i,
+                            chunks) != RWKVQ_OK;
+    free(acts);
+    return failed ? RWKVQ_NO_MEMORY : RWKVQ_OK; /* the arguments were checked above: only memory can fail */
+}
+
+int rwkvq_sq_matmul(const float* x, int M, const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros,
+                    float* y, int N, int K, int bits, int group_size, int kernels, int isa) {
+    return run_all(SQ_PATH_AUTO, x, M, codes, scales, zeros, y, N, K, bits, group_size, kernels, isa);
+}
+
+int rwkvq_sq_gemv(const float* x, int M, const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros, float* y,
+                  int N, int K, int bits, int group_size, int kernels, int isa) {
+    return run_all(SQ_PATH_GEMV, x, M, codes, scales, zeros, y, N, K, bits, group_size, kernels, isa);
+}
+
+int rwkvq_sq_gemm(const float* x, int M, const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros, float* y,
+                  int N, int K, int bits, int group_size, int kernels, int isa) {
+    return run_all(SQ_PATH_GEMM, x, M, codes, scales, zeros, y, N, K, bits, group_size, kernels, isa);
+}
+
+int rwkvq_sq_decode(const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros, float* w, int N, int K,
+                    int bits, int group_size) {
+    if (bad_args(0, N, K, bits, group_size, RWKVQ_KERNELS_EXACT, RWKVQ_ISA_SCALAR)) return RWKVQ_BAD_SIZES;
+    const int G = (int)ceil_div(K, group_size);
+    float* s = (float*)malloc(sizeof(float) * (size_t)G);
+    int* z = (int*)malloc(sizeof(int) * (size_t)G);
+    if (!s || !z) return free(s), free(z), RWKVQ_NO_MEMORY;
+    const int64_t row_bytes = (int64_t)K / SQ_BLOCK * 4 * bits;
+    for (int n = 0; n < N; ++n) {
+        row_groups(scales, zeros, n, G, bits, s, z);
+        decode_row(codes + n * row_bytes, s, z, 0, K, bits, group_size, w + (size_t)n * K);
+    }
+    free(s), free(z);
+    return RWKVQ_OK;
+}
