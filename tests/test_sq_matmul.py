@@ -223,6 +223,24 @@ def test_fast_kernels_stay_within_the_int8_activation_bound_and_agree_across_isa
             assert np.abs(y - fast["scalar"]).max() <= ISA_TOL * _scale(exact), (kernel, isa)
 
 
+def test_a_session_asking_for_fast_kernels_runs_the_fast_numerics_and_one_asking_nothing_runs_exact():
+    """The per-session mode reaches SQMatMul: session config rwkvq.kernels=fast gives the ctypes fast kernel's
+    numbers (same integer math; float order may differ: ISA_TOL), and a session that sets nothing the exact ones."""
+    n, k, bits, g = 96, 768, 3, 128
+    rng = np.random.default_rng(11)
+    arrays, attrs = sq_matmul.pack(_payload(rng, n, k, bits, g))
+    model = _one_node_model(arrays, attrs.as_dict()).SerializeToString()
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    exact = sq_matmul.reference(x, **arrays, **attrs.as_dict())
+    fast_ref = cpu_kernels.sq_matmul(x, **arrays, **attrs.as_dict(), kernels="fast")
+    fast = ort.InferenceSession(model, session_options(kernels="fast"), providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+    got_fast, got_plain = fast.run(None, {"x": x})[0], plain.run(None, {"x": x})[0]
+    assert np.abs(got_plain - exact).max() <= EXACT_TOL * _scale(exact)
+    assert np.abs(got_fast - fast_ref).max() <= ISA_TOL * _scale(exact)
+    assert np.abs(got_fast - exact).max() > ISA_TOL * _scale(exact)  # it really is the other path
+
+
 def test_fast_kernels_carry_nan_and_inf_activations_into_the_output():
     """A NaN or inf activation makes the fast path's output NaN (where the exact one is NaN or inf), not a number."""
     arrays, attrs = sq_matmul.pack(_payload(np.random.default_rng(9), 8, 64, 3, 32))
