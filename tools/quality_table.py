@@ -120,6 +120,14 @@ COMPARISONS = [
     ("gptvq-3.5", "gptvq-3.5-authors", "the authors' VQ configuration vs the default (GPTVQ @ 3.5)"),
     ("rwkvquant-3.275", "rwkvquant-3.275-elementwise-unweighted", "element-wise codebooks unweighted vs weighted"),
     ("rwkvquant-3.275", "rwkvquant-3.275-elementwise-off", "element-wise vectors full precision vs quantized"),
+    # does the paper's proxy ranking matter? each alternative ranking at the same target against it
+    *(("rwkvquant-3.275", f"rwkvquant-3.275-rank-{r}", f"{what} vs the proxy ranking (RWKVQuant @ 3.275)")
+      for r, what in (("coarse", "coarse proxy only"), ("fine", "fine proxy only"), ("variance", "variance ranking"),
+                      ("range", "range ranking"), ("mse", "MSE-based choice"))),
+    # the baselines against each other at equal bits
+    ("gptq-3.25", "rtn-3.25", "RTN vs GPTQ @ 3.25"),
+    ("gptq-3.25", "awq-3.25", "AWQ vs GPTQ @ 3.25"),
+    ("gptvq-3.25", "kmeans-3.25", "k-means VQ vs GPTVQ @ 3.25"),
 ]
 TEXTS = ("linuxdoc", "lambada")
 SCALAR_ALGORITHMS = ("gptq", "rtn", "awq")
