@@ -17,6 +17,13 @@ Graph conventions (see the design doc):
   checkpoint key and stored transposed [K, N]; element-wise vectors keep
   their keys (flattened to [C]).
 
+The step graph of an RWKV-7 model runs each layer's recurrence as one
+`rwkvq.WKV7Step` node (`wkv_op="fused"`, the default: what onnxruntime with
+the package's native op library runs) or as standard ops (`wkv_op="standard"`:
+plain onnxruntime, any ONNX runtime; TensorRT engines are built from the
+lowered form of either). The sequence graph and RWKV-6 graphs are always
+standard ops.
+
 With `fp16`, weights and activations are float16 while the residual stream,
 layer norms, decays and the WKV recurrence stay float32: the recurrence
 multiplies the state by decays close to 1 thousands of times, where fp16's
@@ -40,12 +47,15 @@ from .atomic import atomic_dir, check_writable
 from .checkpoint import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .graph_builder import FLOAT, FLOAT16, INT64, OPSET, GraphBuilder, tensor_type
-from .names import CONFIG_KEY, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, PAIR_ID_KEY, is_linear_weight
+from .names import (CONFIG_KEY, DOMAIN, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, OPS_KEY,
+                    OPSET_VERSION, PAIR_ID_KEY, is_linear_weight)
+from .opspec import wkv7_step
 from .paths import check_distinct, require_file
 
 STATE_NAMES = ("state_att_shift", "state_ffn_shift", "state_wkv")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB
 MODES = ("sequence", "step", "both")
+WKV_OPS = ("fused", "standard")  # the step graph's RWKV-7 recurrence: one rwkvq.WKV7Step per layer, or standard ops
 
 def step_path(path: str | Path) -> Path:
     """The step graph written beside a sequence graph: `OUT.onnx` -> `OUT.step.onnx`."""
@@ -61,6 +71,7 @@ class _Ctx:
     sd: Mapping[str, np.ndarray]
     act: int  # FLOAT or FLOAT16
     seq: bool  # sequence graph (leading dims B, T) or step graph (leading dim B)
+    fused: bool = False  # RWKV-7 step graph: the recurrence as one rwkvq.WKV7Step node per layer
 
     @property
     def lead(self) -> list[int]:
@@ -204,11 +215,18 @@ def _time_mix_x070(c: _Ctx, i: int, x: str, state_att: str, state_wkv: str, v_fi
     else:
         mixv = g.op("Sigmoid", [g.op("Add", [c.w(a + "v0"), c.mm(c.mm(xv, a + "v1"), a + "v2")])])
         v = g.op("Add", [v, g.op("Mul", [g.op("Sub", [v_first, v]), mixv])])
-    wkv_in = [c.col(c.to_f32(r)), c.row(decay), c.row(c.to_f32(k)), c.col(c.to_f32(v)),
-              c.col(kk), g.op("Mul", [kk, c.row(c.to_f32(iclr))])]
-    col, row = [H, N, 1], [H, 1, N]
-    s, y = _wkv(c, i, state_wkv, wkv_in, [], [col, row, row, col, col, row], col)
-    y = c.to_act(c.group_norm(y, a + "ln_x", col[1:]))
+    if c.fused and not c.seq:
+        kk = c.flat(kk)
+        y, s = g.op(wkv7_step.OP_TYPE, [state_wkv, c.to_f32(r), decay, c.to_f32(k), c.to_f32(v), g.op("Neg", [kk]),
+                                        g.op("Mul", [kk, c.to_f32(iclr)])],
+                    n_out=2, name=f"blocks_{i}_att_wkv7_step", domain=DOMAIN, head_size=N)
+        y = c.to_act(c.group_norm(c.heads(y), a + "ln_x", [N]))
+    else:
+        wkv_in = [c.col(c.to_f32(r)), c.row(decay), c.row(c.to_f32(k)), c.col(c.to_f32(v)),
+                  c.col(kk), g.op("Mul", [kk, c.row(c.to_f32(iclr))])]
+        col, row = [H, N, 1], [H, 1, N]
+        s, y = _wkv(c, i, state_wkv, wkv_in, [], [col, row, row, col, col, row], col)
+        y = c.to_act(c.group_norm(y, a + "ln_x", col[1:]))
     rk = g.op("Mul", [c.heads(g.op("Mul", [r, k])), c.w(a + "r_k")])
     bonus = c.flat(g.op("Mul", [g.op("ReduceSum", [rk, g.ints([-1])], keepdims=1), c.heads(v)]))
     out = c.mm(g.op("Mul", [g.op("Add", [y, bonus]), gate]), a + "output.weight")
@@ -320,10 +338,21 @@ def _value_dims(value: onnx.ValueInfoProto) -> Dims:
             for d in value.type.tensor_type.shape.dim]
 
 
+def check_wkv_op(wkv_op: str) -> None:
+    if wkv_op not in WKV_OPS:
+        raise ConfigError(f"unknown --wkv-op '{wkv_op}' (choose from {', '.join(WKV_OPS)})")
+
+
 def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, step: bool = False,
-                fp16: bool = False) -> onnx.ModelProto:
-    """Build the sequence (default) or step graph of a model as an in-memory ONNX model."""
-    c = _Ctx(GraphBuilder(), config, state_dict, FLOAT16 if fp16 else FLOAT, seq=not step)
+                fp16: bool = False, wkv_op: str = "fused") -> onnx.ModelProto:
+    """Build the sequence (default) or step graph of a model as an in-memory ONNX model.
+
+    `wkv_op` matters for an RWKV-7 step graph only: "fused" runs each layer's recurrence as one
+    rwkvq.WKV7Step node (needs the package's native op library), "standard" as standard ONNX ops.
+    """
+    check_wkv_op(wkv_op)
+    fused = step and wkv_op == "fused" and config.version == "x070"
+    c = _Ctx(GraphBuilder(), config, state_dict, FLOAT16 if fp16 else FLOAT, seq=not step, fused=fused)
     g = c.g
     L = config.n_layer
     tok_name = "token" if step else "tokens"
@@ -357,12 +386,13 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
     outputs = [tensor_type(n, FLOAT, d) for n, d in out_shapes.items()]
     graph = helper.make_graph(g.nodes, f"rwkv_{config.version}_{'step' if step else 'sequence'}",
                               inputs, outputs, initializer=g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="rwkvq-onnx", ir_version=10)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(DOMAIN, OPSET_VERSION)] if fused else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="rwkvq-onnx", ir_version=10)
     helper.set_model_props(model, {
         CONFIG_KEY: config.to_json(),
         GRAPH_KEY: "step" if step else "sequence",
         DTYPE_KEY: "float16" if fp16 else "float32",
+        **({OPS_KEY: wkv7_step.OP_TYPE} if fused else {}),
     })
     return model
 
@@ -434,25 +464,30 @@ def output_files(path: str | Path, pair: bool = True) -> list[Path]:
     return [f for g in graphs for f in (g, g.with_name(g.name + ".data"))]
 
 
-def check_export_paths(checkpoint: str | Path, out: str | Path, mode: str = "sequence") -> None:
-    """Before loading anything: the checkpoint is a file, the output folder is writable, no output is the input."""
+def check_export_paths(checkpoint: str | Path, out: str | Path, mode: str = "sequence", wkv_op: str = "fused") -> None:
+    """Before loading anything: the checkpoint is a file, the output folder is writable, no output is the input,
+    the options are known."""
+    check_wkv_op(wkv_op)
     require_file(checkpoint, "checkpoint file", CheckpointError)
     check_writable(out)
     check_distinct([checkpoint], output_files(out, pair=mode == "both"))
 
 
 def export(config: ModelConfig, state_dict: Mapping[str, np.ndarray], out: str | Path, *,
-           mode: str = "sequence", fp16: bool = False) -> list[Path]:
-    """Export to `out` (sequence or step graph), or both to `out` and its `.step.onnx` sibling as one pair."""
+           mode: str = "sequence", fp16: bool = False, wkv_op: str = "fused") -> list[Path]:
+    """Export to `out` (sequence or step graph), or both to `out` and its `.step.onnx` sibling as one pair.
+
+    `wkv_op` is the step graph's RWKV-7 recurrence (see `build_graph`)."""
     if mode not in MODES:
         raise ConfigError(f"unknown export mode '{mode}' (choose from {', '.join(MODES)})")
+    check_wkv_op(wkv_op)
     out = Path(out)
     graphs = []
     if mode in ("sequence", "both"):
         graphs.append((build_graph(config, state_dict, step=False, fp16=fp16), out))
     if mode in ("step", "both"):
         target = out if mode == "step" else step_path(out)
-        graphs.append((build_graph(config, state_dict, step=True, fp16=fp16), target))
+        graphs.append((build_graph(config, state_dict, step=True, fp16=fp16, wkv_op=wkv_op), target))
     return save_pair(graphs)
 
 
