@@ -12,7 +12,7 @@ import numpy as np
 
 from . import cpu_kernels
 from .names import DOMAIN
-from .opspec import vq_elementwise, vq_matmul
+from .opspec import vq_elementwise, vq_matmul, wkv7_step
 
 _REGISTERED = False
 
@@ -45,6 +45,11 @@ def register_python_ops() -> str:
         def run_vq_elementwise(x, codes, codebook, **attrs):
             return vq_elementwise.reference(x, codes, codebook, index_bits=int(attrs["index_bits"]),
                                             shape=str(attrs["shape"]))
+
+        @onnx_op(op_type=f"{DOMAIN}::{wkv7_step.OP_TYPE}", inputs=[T.dt_float] * len(wkv7_step.INPUTS),
+                 outputs=[T.dt_float] * len(wkv7_step.OUTPUTS), attrs={"head_size": T.dt_int64})
+        def run_wkv7_step(state, r, w, k, v, a, b, **attrs):
+            return wkv7_step.reference(state, r, w, k, v, a, b, head_size=int(attrs["head_size"]))
 
         _REGISTERED = True
     return get_library_path()
