@@ -256,3 +256,98 @@ def test_python_fallback_runs_the_fused_step(tiny_ckpt):
     got = sess.run(None, feeds)
     want = _decode(fused, config, token[None])
     np.testing.assert_allclose(got[0], want[0][0], atol=1e-5, rtol=0)
+
+
+# ---- the native kernel under AddressSanitizer ------------------------------------------------------------
+
+_CHILD = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+library, folder = sys.argv[1], Path(sys.argv[2])
+names = ["state", "r", "w", "k", "v", "a", "b"]
+for i in range(int((folder / "count").read_text())):
+    case = np.load(folder / f"case{i}.npz")
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "new_state")]
+    node = helper.make_node("WKV7Step", names, ["y", "new_state"], name="wkv_under_test", domain="rwkvq",
+                            head_size=int(case["head_size"]))
+    model = helper.make_model(helper.make_graph([node], "g", ins, outs), ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("rwkvq", 1)])
+    report = {"i": i, "error": None}
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        opts.register_custom_ops_library(library)
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        y, s = sess.run(None, {n: case[n] for n in names})
+        np.save(folder / f"y{i}.npy", y)
+        np.save(folder / f"s{i}.npy", s)
+    except Exception as e:
+        report["error"] = str(e)
+    print(json.dumps(report), flush=True)
+"""
+
+
+def _sanitizer_cases() -> list[tuple[str, int, list[np.ndarray], bool]]:
+    """(label, head_size, feeds, valid): real-sized and edge shapes, and every input one value short or long."""
+    rng = np.random.default_rng(5)
+    cases = [(f"valid B={B} H={H} N={N}", N, _inputs(rng, B, H, N), True)
+             for B, H, N in [(1, 12, 64), (3, 2, 32), (1, 1, 1), (2, 3, 5), (0, 2, 4)]]
+    base = _inputs(rng, 2, 3, 4)
+    for i, name in enumerate(wkv7_step.INPUTS):
+        a = base[i]
+        for shape in {(a.shape[0], a.shape[1] - 1, *a.shape[2:]), (a.shape[0], a.shape[1] + 1, *a.shape[2:]),
+                      (a.shape[0] + 1, *a.shape[1:]), (a.size,), (*a.shape[:-1], a.shape[-1] - 1)}:
+            feeds = list(base)
+            feeds[i] = rng.standard_normal(shape).astype(np.float32)
+            cases.append((f"{name} shape {shape}", 4, feeds, False))
+    cases += [(f"head_size={n}", n, base, False) for n in (0, 1, 2, 3, 5, 8, 1025, 2**31, -1)]
+    return cases
+
+
+@pytest.mark.slow
+def test_native_kernel_under_address_sanitizer(tmp_path):
+    """Valid inputs give the reference's numbers and every mismatched size is refused with one line naming the node,
+    with no AddressSanitizer / UBSan report (an ASan build of the library, plugins/build_asan.sh)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .test_native_fuzz import ROOT, SANITIZER_MARKS, _sanitizer_runtime
+
+    found = _sanitizer_runtime()
+    if found is None:
+        pytest.skip("gcc or its AddressSanitizer runtime (libasan) is not installed: no sanitizer build")
+    cc, runtime = found
+    library = tmp_path / "asan.so"
+    build = subprocess.run(["bash", str(ROOT / "plugins" / "build_asan.sh"), str(library)], capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "CC": cc})
+    assert build.returncode == 0, build.stderr[-3000:]
+    cases = _sanitizer_cases()
+    for i, (_, head_size, feeds, _) in enumerate(cases):
+        np.savez(tmp_path / f"case{i}.npz", head_size=head_size, **dict(zip(wkv7_step.INPUTS, feeds)))
+    (tmp_path / "count").write_text(str(len(cases)))
+    env = {**os.environ, "LD_PRELOAD": " ".join(filter(None, [runtime, os.environ.get("LD_PRELOAD")])),
+           "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(library), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    for mark in SANITIZER_MARKS:
+        assert mark not in proc.stderr, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["i"] for r in reports] == list(range(len(cases)))
+    for (label, head_size, feeds, valid), r in zip(cases, reports):
+        if not valid:
+            assert r["error"] is not None, f"{label}: not refused"
+            text = r["error"][r["error"].find("rwkvq.WKV7Step"):].strip()
+            assert text.startswith(f"rwkvq.WKV7Step node '{NODE}'") and "\n" not in text, f"{label}: {r['error']!r}"
+            continue
+        assert r["error"] is None, f"{label}: {r['error']}"
+        y_ref, s_ref = wkv7_step.reference(*feeds, head_size=head_size)
+        for got, ref in ((np.load(tmp_path / f"y{r['i']}.npy"), y_ref), (np.load(tmp_path / f"s{r['i']}.npy"), s_ref)):
+            assert got.shape == ref.shape, label
+            assert np.abs(got - ref).max(initial=0.0) <= REL_TOL * max(np.abs(ref).max(initial=0.0), 1.0), label
