@@ -158,6 +158,8 @@ def _decode(model: onnx.ModelProto, config, tokens: np.ndarray, native: bool = T
     import onnxruntime as ort
 
     opts = session_options() if native else ort.SessionOptions()
+    # exact DequantizeLinear+MatMul numerics in plain sessions too (no int8 activations), as session_options sets
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     state = list(zero_state(config, tokens.shape[1]))
     logits = []
@@ -351,3 +353,28 @@ def test_native_kernel_under_address_sanitizer(tmp_path):
         for got, ref in ((np.load(tmp_path / f"y{r['i']}.npy"), y_ref), (np.load(tmp_path / f"s{r['i']}.npy"), s_ref)):
             assert got.shape == ref.shape, label
             assert np.abs(got - ref).max(initial=0.0) <= REL_TOL * max(np.abs(ref).max(initial=0.0), 1.0), label
+
+
+@pytest.mark.slow
+def test_quantize_keeps_or_lowers_the_fused_step(tiny_ckpt, tmp_path):
+    """quantize carries WKV7Step into the quantized step graph; with --lower-vq it lowers it with the VQ ops (the
+    sequence graph has none, which is not a rewrite mismatch), and both quantized step graphs decode alike."""
+    from rwkvq_onnx.cli import main
+    from rwkvq_onnx.export import step_path
+
+    from .conftest import GOLDEN_TEXT
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text((GOLDEN_TEXT.decode() + " ") * 20)
+    fp, q, low = tmp_path / "fp.onnx", tmp_path / "q.onnx", tmp_path / "low.onnx"
+    assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both"]) == 0
+    common = ["--bpw", "3.275", "--sym", "sym", "--calib", str(calib), "--nsamples", "4", "--seqlen", "64"]
+    assert main(["quantize", str(fp), "-o", str(q), *common]) == 0
+    assert main(["quantize", str(fp), "-o", str(low), "--lower-vq", *common]) == 0
+    config, _ = load_checkpoint(tiny_ckpt)
+    kept, lowered = onnx.load(step_path(q)), onnx.load(step_path(low))
+    assert Counter(n.op_type for n in kept.graph.node)[wkv7_step.OP_TYPE] == config.n_layer
+    assert not any(n.domain == DOMAIN for n in lowered.graph.node)
+    tokens = np.array([[1, 2], [30, 40], [200, 7]])
+    np.testing.assert_allclose(_decode(lowered, config, tokens, native=False)[0], _decode(kept, config, tokens)[0],
+                               atol=1e-5, rtol=0)
