@@ -183,7 +183,8 @@ def _wkv(c: _Ctx, layer: int, s0: str, inputs: list[str], extra: list[str], shap
         sub.nodes, f"wkv_body_{layer}",
         [tensor_type(names[0], FLOAT, ["batch", H, N, N])]
         + [tensor_type(n, FLOAT, ["batch", *d]) for n, d in zip(names[1:], shapes)],
-        [tensor_type(f"wkv{layer}_s_out", FLOAT, ["batch", H, N, N]), tensor_type(f"wkv{layer}_y", FLOAT, ["batch", *y_shape])],
+        [tensor_type(f"wkv{layer}_s_out", FLOAT, ["batch", H, N, N]),
+         tensor_type(f"wkv{layer}_y", FLOAT, ["batch", *y_shape])],
         initializer=sub.initializers,
     )
     s, y = g.op("Scan", [s0, *inputs], n_out=2, name=f"wkv_scan_{layer}", body=body,

@@ -49,8 +49,8 @@ def _one_node_model(head_size: int, feeds: list[np.ndarray] | None = None, **att
     node = helper.make_node(wkv7_step.OP_TYPE, names, list(wkv7_step.OUTPUTS), name=NODE, domain=DOMAIN,
                             **({"head_size": head_size} | attrs))
     graph = helper.make_graph([node], "wkv7_step", ins, outs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
-                             ir_version=10)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
 def _run(model: onnx.ModelProto, feeds: list[np.ndarray], native: bool = True) -> list[np.ndarray]:
