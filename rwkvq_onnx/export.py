@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -72,6 +72,7 @@ class _Ctx:
     act: int  # FLOAT or FLOAT16
     seq: bool  # sequence graph (leading dims B, T) or step graph (leading dim B)
     fused: bool = False  # RWKV-7 step graph: the recurrence as one rwkvq.WKV7Step node per layer
+    value_info: list = field(default_factory=list)  # shapes stated for tensors shape inference cannot tie to B
 
     @property
     def lead(self) -> list[int]:
@@ -221,6 +222,8 @@ def _time_mix_x070(c: _Ctx, i: int, x: str, state_att: str, state_wkv: str, v_fi
         y, s = g.op(wkv7_step.OP_TYPE, [state_wkv, c.to_f32(r), decay, c.to_f32(k), c.to_f32(v), g.op("Neg", [kk]),
                                         g.op("Mul", [kk, c.to_f32(iclr)])],
                     n_out=2, name=f"blocks_{i}_att_wkv7_step", domain=DOMAIN, head_size=N)
+        # a custom op has no shape inference: state its outputs' shapes, or every shape after it is unknown
+        c.value_info += [tensor_type(y, FLOAT, ["batch", H * N]), tensor_type(s, FLOAT, ["batch", H, N, N])]
         y = c.to_act(c.group_norm(c.heads(y), a + "ln_x", [N]))
     else:
         wkv_in = [c.col(c.to_f32(r)), c.row(decay), c.row(c.to_f32(k)), c.col(c.to_f32(v)),
@@ -287,9 +290,11 @@ def _layer_slices(c: _Ctx, name: str) -> list[str]:
     (instead of a Gather per layer)."""
     g, L = c.g, c.config.n_layer
     flat = g.op("Reshape", [name, g.ints([-1] + _state_tail(c.config, name))])
-    if L == 1:
-        return [flat]
-    return g.op("Split", [flat], n_out=L, name=f"{name}_layers", axis=0, num_outputs=L)
+    slices = [flat] if L == 1 else g.op("Split", [flat], n_out=L, name=f"{name}_layers", axis=0, num_outputs=L)
+    # each slice is [B, ...]: stated, so that shape inference (and onnxruntime's fusions, e.g. MatMul + Add into
+    # Gemm, which need the dims proven equal) sees the graph's one batch dimension, not a new one per slice
+    c.value_info += [tensor_type(s, FLOAT, ["batch", *_state_tail(c.config, name)]) for s in slices]
+    return slices
 
 
 def _stack_layers(c: _Ctx, name: str, parts: list[str]) -> None:
@@ -386,7 +391,7 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
     inputs = [tensor_type(n, INT64 if n == tok_name else FLOAT, d) for n, d in in_shapes.items()]
     outputs = [tensor_type(n, FLOAT, d) for n, d in out_shapes.items()]
     graph = helper.make_graph(g.nodes, f"rwkv_{config.version}_{'step' if step else 'sequence'}",
-                              inputs, outputs, initializer=g.initializers)
+                              inputs, outputs, initializer=g.initializers, value_info=c.value_info)
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(DOMAIN, OPSET_VERSION)] if fused else [])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="rwkvq-onnx", ir_version=10)
     helper.set_model_props(model, {
