@@ -378,3 +378,17 @@ def test_quantize_keeps_or_lowers_the_fused_step(tiny_ckpt, tmp_path):
     tokens = np.array([[1, 2], [30, 40], [200, 7]])
     np.testing.assert_allclose(_decode(lowered, config, tokens, native=False)[0], _decode(kept, config, tokens)[0],
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("wkv_op", ["fused", "standard"])
+def test_step_graph_shapes_keep_the_batch_dim(tiny_ckpt, wkv_op):
+    """Shape inference ties every weight MatMul's activation to the graph's `batch` dim (the state slices and the
+    custom op's outputs are stated): what onnxruntime needs to prove shapes equal for its Gemm fusions."""
+    config, sd = load_checkpoint(tiny_ckpt)
+    model = onnx.shape_inference.infer_shapes(build_graph(config, sd, step=True, wkv_op=wkv_op), strict_mode=True)
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.input]}
+    weights = {t.name for t in model.graph.initializer}
+    activations = [n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert activations and all(shapes[a][0] == "batch" and len(shapes[a]) == 2 for a in activations), \
+        {a: shapes.get(a) for a in activations}
