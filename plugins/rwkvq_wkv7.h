@@ -5,7 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* the largest head size the kernel takes (its per-head scratch lives on the stack) */
+/* the largest head size the kernel takes (RWKV-7 models use 64; a bound keeps every size far from overflow) */
 #define RWKVQ_WKV7_MAX_HEAD 1024
 
 /* head_size in [1, RWKVQ_WKV7_MAX_HEAD]; the state [B, H, N, N] with N = head_size, B >= 0, H >= 1, and

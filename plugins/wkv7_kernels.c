@@ -1,5 +1,6 @@
-/* The RWKV-7 WKV step kernel: see rwkvq_wkv7.h. Plain float arithmetic in the order of the official
- * formula (decay, then the (S a) b^T term, then v k^T), one head at a time. */
+/* The RWKV-7 WKV step kernel: see rwkvq_wkv7.h. Float arithmetic in the order of the official formula
+ * (decay, then the (S a) b^T term, then v k^T), one state row at a time: its dot product with a, its update,
+ * its dot product with r. Portable C the compiler vectorizes (no ISA-specific code, so no dispatch needed). */
 #include "rwkvq_wkv7.h"
 
 #include <stdio.h>
@@ -49,34 +50,39 @@ const char* rwkvq_wkv7_check_vector(const char* what, int64_t batch, int64_t cha
     return NULL;
 }
 
+/* sum_j x[j] * y[j] over n values in LANES independent partial sums (which the compiler maps onto vector
+ * registers without reassociating anything), then added pairwise */
+#define LANES 8
+static float dot(const float* restrict x, const float* restrict y, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; ++l) acc[l] += x[j + l] * y[j + l];
+    float tail = 0.0f;
+    for (; j < n; ++j) tail += x[j] * y[j];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+/* out[j] = s[j] * w[j] + sa * b[j] + v * k[j]: element-wise, vectorized */
+static void update_row(const float* restrict s, const float* restrict w, const float* restrict b,
+                       const float* restrict k, float sa, float v, float* restrict out, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) out[j] = s[j] * w[j] + sa * b[j] + v * k[j];
+}
+
 int rwkvq_wkv7_step(const float* state, const float* r, const float* w, const float* k, const float* v,
                     const float* a, const float* b, float* y, float* new_state, int64_t heads, int64_t head_size,
                     int64_t first, int64_t count) {
     if (head_size < 1 || head_size > RWKVQ_WKV7_MAX_HEAD || heads < 1 || first < 0 || count < 0)
         return RWKVQ_WKV7_BAD_SIZES;
     const int64_t N = head_size;
-    float sa[RWKVQ_WKV7_MAX_HEAD];
     for (int64_t bh = first; bh < first + count; ++bh) {
         const int64_t vec = bh * N;  /* offset of this head in the [B, H * N] vectors (b * H * N + h * N) */
         const int64_t mat = vec * N; /* and in the [B, H, N, N] state */
-        const float *S = state + mat, *rh = r + vec, *wh = w + vec, *kh = k + vec, *vh = v + vec, *ah = a + vec,
-                    *bh_ = b + vec;
-        float* out = new_state + mat;
         for (int64_t i = 0; i < N; ++i) {
-            float acc = 0.0f;
-            for (int64_t j = 0; j < N; ++j) acc += S[i * N + j] * ah[j];
-            sa[i] = acc;
-        }
-        for (int64_t i = 0; i < N; ++i) {
-            const float* Si = S + i * N;
-            float* Oi = out + i * N;
-            float acc = 0.0f;
-            for (int64_t j = 0; j < N; ++j) {
-                const float s = Si[j] * wh[j] + sa[i] * bh_[j] + vh[i] * kh[j];
-                Oi[j] = s;
-                acc += s * rh[j];
-            }
-            y[vec + i] = acc;
+            const float* S = state + mat + i * N;
+            float* out = new_state + mat + i * N;
+            update_row(S, w + vec, b + vec, k + vec, dot(S, a + vec, N), v[vec + i], out, N);
+            y[vec + i] = dot(out, r + vec, N);
         }
     }
     return 0;

@@ -41,7 +41,7 @@ INPUTS = ("state", "r", "w", "k", "v", "a", "b")
 OUTPUTS = ("y", "new_state")
 INPUT_DTYPES = (np.dtype(np.float32),) * len(INPUTS)
 OUTPUT_DTYPE = np.dtype(np.float32)
-MAX_HEAD_SIZE = 1024  # plugins/rwkvq_wkv7.h RWKVQ_WKV7_MAX_HEAD: the kernel's per-head scratch is on the stack
+MAX_HEAD_SIZE = 1024  # plugins/rwkvq_wkv7.h RWKVQ_WKV7_MAX_HEAD (RWKV-7 models use 64)
 
 
 @dataclass(frozen=True)
