@@ -2,11 +2,13 @@
 
     VQMatMul(x, codes, books, scales) -> MatMul(x, Transpose(Reshape(Gather(B, idx), [N, K])))
     VQElementwise(x, codes, book)     -> Mul(x, Gather(book, idx))
+    WKV7Step(state, r, w, k, v, a, b) -> Reshapes, Mul, MatMuls and Adds of the recurrence step
 
 Each op's module in `rwkvq_onnx.opspec` builds its own lowering (`lower`);
 this pass finds the nodes and names the new tensors after the weight (the op's
 codes input is WEIGHT_codes), so reports find them. Runs only when asked
-(`--lower-vq`).
+(`--lower-vq`), and for WKV7Step alone when a TensorRT engine is built
+(`LowerVQ(ops=("WKV7Step",))`: TensorRT has plugins for the VQ ops, not for it).
 """
 from __future__ import annotations
 
@@ -24,15 +26,16 @@ class LowerVQ(Pass):
     domains = {DOMAIN: OPSET_VERSION}  # removed once nothing uses it
     phrases = {op: "lowered {n} " + spec.QUALIFIED + " to standard ops" for op, spec in SPECS.items()}
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, ops: tuple[str, ...] | None = None) -> None:
         self.enabled = enabled
+        self.ops = tuple(SPECS) if ops is None else ops  # the op types to lower (default: every rwkvq op)
 
     def run(self, graph: gs.Graph, payloads: Payloads | None = None) -> PassResult:
         result = PassResult(self.name, phrases=self.phrases)
         if not self.enabled:
             return result
         replacements = []
-        for node in [n for n in graph.nodes if n.domain == DOMAIN and n.op in SPECS]:
+        for node in [n for n in graph.nodes if n.domain == DOMAIN and n.op in SPECS and n.op in self.ops]:
             codes = node.inputs[1].name
             prefix = codes[: -len("_codes")] if codes.endswith("_codes") else node.outputs[0].name
             replacements.append((node, SPECS[node.op].lower(node, prefix)))

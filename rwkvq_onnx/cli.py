@@ -30,12 +30,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
     from .export import check_export_paths, export
 
-    check_export_paths(args.checkpoint, args.output, args.mode)
+    check_export_paths(args.checkpoint, args.output, args.mode, args.wkv_op)
     t0 = time.perf_counter()
     config, sd = load_checkpoint(args.checkpoint)
     print(f"loaded {args.checkpoint}: RWKV {config.version}, {config.n_layer} layers x {config.n_embd}, "
           f"{config.n_head} heads x {config.head_size}, vocab {config.vocab_size}, {config.n_params / 1e6:.2f}M params")
-    for path in export(config, sd, args.output, mode=args.mode, fp16=args.fp16):
+    for path in export(config, sd, args.output, mode=args.mode, fp16=args.fp16, wkv_op=args.wkv_op):
         print(f"wrote {path} ({_size(path)})")
     print(f"export took {time.perf_counter() - t0:.1f} s")
 
@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=("sequence", "step", "both"), default="sequence",
                    help="sequence: tokens [B,T] with a Scan over T (default; also decodes with T=1); "
                         "step: loop-free one-token graph for TensorRT; both: OUT.onnx and OUT.step.onnx")
+    e.add_argument("--wkv-op", choices=("fused", "standard"), default="fused",
+                   help="the RWKV-7 step graph's recurrence: fused (default) = one rwkvq.WKV7Step node per layer, "
+                        "run by this package's native onnxruntime op library (build-engine lowers it for "
+                        "TensorRT); standard = standard ONNX ops only, for plain onnxruntime or other runtimes. "
+                        "The sequence graph and RWKV-6 always use standard ops")
     e.set_defaults(func=cmd_export)
 
     def model_args(q: argparse.ArgumentParser) -> None:

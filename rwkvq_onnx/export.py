@@ -9,9 +9,20 @@ Graph conventions (see the design doc):
 - state: `state_att_shift` [L, B, C], `state_ffn_shift` [L, B, C],
   `state_wkv` [L, B, H, N, N], float32 in every graph; outputs are the same
   names prefixed `new_`.
+- the state is read with one `Reshape` + `Split` per state tensor and written
+  with one `Concat` + `Reshape` (not a Gather / Unsqueeze per layer), and the
+  WKV inputs are reshaped once straight into the row/column layout the
+  recurrence's MatMuls take: fewer nodes per decoded token (issue 13).
 - every linear layer is one `MatMul` whose weight initializer is named by its
   checkpoint key and stored transposed [K, N]; element-wise vectors keep
   their keys (flattened to [C]).
+
+The step graph of an RWKV-7 model runs each layer's recurrence as one
+`rwkvq.WKV7Step` node (`wkv_op="fused"`, the default: what onnxruntime with
+the package's native op library runs) or as standard ops (`wkv_op="standard"`:
+plain onnxruntime, any ONNX runtime; TensorRT engines are built from the
+lowered form of either). The sequence graph and RWKV-6 graphs are always
+standard ops.
 
 With `fp16`, weights and activations are float16 while the residual stream,
 layer norms, decays and the WKV recurrence stay float32: the recurrence
@@ -24,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -36,12 +47,15 @@ from .atomic import atomic_dir, check_writable
 from .checkpoint import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .graph_builder import FLOAT, FLOAT16, INT64, OPSET, GraphBuilder, tensor_type
-from .names import CONFIG_KEY, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, PAIR_ID_KEY, is_linear_weight
+from .names import (CONFIG_KEY, DOMAIN, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, OPS_KEY,
+                    OPSET_VERSION, PAIR_ID_KEY, is_linear_weight)
+from .opspec import wkv7_step
 from .paths import check_distinct, require_file
 
 STATE_NAMES = ("state_att_shift", "state_ffn_shift", "state_wkv")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB
 MODES = ("sequence", "step", "both")
+WKV_OPS = ("fused", "standard")  # the step graph's RWKV-7 recurrence: one rwkvq.WKV7Step per layer, or standard ops
 
 def step_path(path: str | Path) -> Path:
     """The step graph written beside a sequence graph: `OUT.onnx` -> `OUT.step.onnx`."""
@@ -57,6 +71,8 @@ class _Ctx:
     sd: Mapping[str, np.ndarray]
     act: int  # FLOAT or FLOAT16
     seq: bool  # sequence graph (leading dims B, T) or step graph (leading dim B)
+    fused: bool = False  # RWKV-7 step graph: the recurrence as one rwkvq.WKV7Step node per layer
+    value_info: list = field(default_factory=list)  # shapes stated for tensors shape inference cannot tie to B
 
     @property
     def lead(self) -> list[int]:
@@ -84,6 +100,14 @@ class _Ctx:
     def heads(self, x: str) -> str:
         return self.g.op("Reshape", [x, self.g.ints(self.lead + [self.config.n_head, self.config.head_size])])
 
+    def col(self, x: str) -> str:
+        """[.., C] -> [.., H, N, 1]: a per-head column vector, as the WKV MatMuls take it."""
+        return self.g.op("Reshape", [x, self.g.ints(self.lead + [self.config.n_head, self.config.head_size, 1])])
+
+    def row(self, x: str) -> str:
+        """[.., C] (or a per-head column) -> [.., H, 1, N]: a per-head row vector."""
+        return self.g.op("Reshape", [x, self.g.ints(self.lead + [self.config.n_head, 1, self.config.head_size])])
+
     def flat(self, x: str) -> str:
         return self.g.op("Reshape", [x, self.g.ints(self.lead + [self.config.n_embd])])
 
@@ -91,18 +115,21 @@ class _Ctx:
         return self.g.op("LayerNormalization", [x, self.w(prefix + ".weight"), self.w(prefix + ".bias")],
                          axis=-1, epsilon=1e-5)
 
-    def group_norm(self, y_heads: str, prefix: str) -> str:
-        """GroupNorm with one group per head, eps 64e-5, as the official ln_x."""
-        N = self.config.head_size
-        ones, zeros = self.g.const(np.ones(N)), self.g.const(np.zeros(N))
-        y = self.g.op("LayerNormalization", [y_heads, ones, zeros], axis=-1, epsilon=64e-5)
+    def group_norm(self, y_heads: str, prefix: str, head_shape: Sequence[int]) -> str:
+        """GroupNorm with one group per head, eps 64e-5, as the official ln_x.
+
+        `y_heads` is [.., H, *head_shape] with head_shape the WKV's output row [1, N] or column [N, 1]: the
+        LayerNormalization normalizes over those two dims, so the recurrence's output needs no reshape first.
+        """
+        ones, zeros = self.g.const(np.ones(head_shape)), self.g.const(np.zeros(head_shape))
+        y = self.g.op("LayerNormalization", [y_heads, ones, zeros], axis=-len(head_shape), epsilon=64e-5)
         y = self.flat(y)
         return self.g.op("Add", [self.g.op("Mul", [y, self.w(prefix + ".weight")]), self.w(prefix + ".bias")])
 
-    def shift(self, x: str, prev_state: str, layer: int) -> tuple[str, str]:
-        """Token shift: (previous token's x, x of the last token for the new state)."""
+    def shift(self, x: str, prev_state: str) -> tuple[str, str]:
+        """Token shift from this layer's state slice [B, C]: (previous token's x, x of the last token)."""
         g = self.g
-        prev = self.to_act(g.op("Gather", [prev_state, g.const(layer, np.int64)], axis=0))
+        prev = self.to_act(prev_state)
         if not self.seq:
             return prev, x
         head = g.op("Unsqueeze", [prev, g.ints([1])])
@@ -118,32 +145,34 @@ class _Ctx:
         return self.g.op("Add", [x, self.g.op("Mul", [delta, self.w(key)])])
 
 
-def _wkv_body_x070(g: GraphBuilder, s: str, r: str, w: str, k: str, v: str, a: str, b: str) -> tuple[str, str]:
-    """S <- S*w (over keys) + (S a) b^T + v k^T ; y = S r.  S is [.., H, value, key]."""
-    u = lambda t, ax: g.op("Unsqueeze", [t, g.ints([ax])])  # noqa: E731
+def _wkv_body_x070(g: GraphBuilder, s: str, r: str, w: str, k: str, v: str, kk: str, b: str) -> tuple[str, str]:
+    """S <- S*w (over keys) - (S kk) b^T + v k^T ; y = S r.  S is [.., H, value, key].
+
+    Inputs come already shaped: r, v, kk columns [.., H, N, 1]; w, k, b rows
+    [.., H, 1, N] (so the body has no Unsqueeze). The official `+ (S (-kk)) b^T`
+    is written as a subtraction, which is the same float result without a Neg.
+    """
     s = g.op("Add", [
-        g.op("Add", [g.op("Mul", [s, u(w, -2)]), g.op("MatMul", [g.op("MatMul", [s, u(a, -1)]), u(b, -2)])]),
-        g.op("MatMul", [u(v, -1), u(k, -2)]),
+        g.op("Sub", [g.op("Mul", [s, w]), g.op("MatMul", [g.op("MatMul", [s, kk]), b])]),
+        g.op("MatMul", [v, k]),
     ])
-    y = g.op("Squeeze", [g.op("MatMul", [s, u(r, -1)]), g.ints([-1])])
-    return s, y
+    return s, g.op("MatMul", [s, r])
 
 
 def _wkv_body_x060(g: GraphBuilder, s: str, r: str, w: str, k: str, v: str, u_bonus: str) -> tuple[str, str]:
-    """y = r (u*kv + S) ; S <- kv + w*S.  S is [.., H, key, value]."""
-    u = lambda t, ax: g.op("Unsqueeze", [t, g.ints([ax])])  # noqa: E731
-    kv = g.op("MatMul", [u(k, -1), u(v, -2)])
-    y = g.op("MatMul", [u(r, -2), g.op("Add", [g.op("Mul", [u_bonus, kv]), s])])
-    y = g.op("Squeeze", [y, g.ints([-2])])
-    s = g.op("Add", [kv, g.op("Mul", [u(w, -1), s])])
+    """y = r (u*kv + S) ; S <- kv + w*S.  S is [.., H, key, value]; r, v rows, w, k columns; y a row."""
+    kv = g.op("MatMul", [k, v])
+    y = g.op("MatMul", [r, g.op("Add", [g.op("Mul", [u_bonus, kv]), s])])
+    s = g.op("Add", [kv, g.op("Mul", [w, s])])
     return s, y
 
 
-def _wkv(c: _Ctx, layer: int, state_wkv: str, inputs: list[str], extra: list[str]) -> tuple[str, str]:
-    """Run the recurrence: inline for one token, a `Scan` over T for a sequence."""
+def _wkv(c: _Ctx, layer: int, s0: str, inputs: list[str], extra: list[str], shapes: list[list[int]],
+         y_shape: list[int]) -> tuple[str, str]:
+    """Run the recurrence from this layer's state s0 [B, H, N, N]: inline for one token, a `Scan` over T for a
+    sequence. `shapes` are the per-token shapes of `inputs` after the batch dim; `y_shape` that of y."""
     g, H, N = c.g, c.config.n_head, c.config.head_size
     body_fn = _wkv_body_x070 if c.config.version == "x070" else _wkv_body_x060
-    s0 = g.op("Gather", [state_wkv, g.const(layer, np.int64)], axis=0)
     if not c.seq:
         return body_fn(g, s0, *inputs, *extra)
     sub = GraphBuilder(prefix=f"wkv{layer}_")
@@ -153,8 +182,10 @@ def _wkv(c: _Ctx, layer: int, state_wkv: str, inputs: list[str], extra: list[str
     sub.op("Identity", [y_out], outputs=[f"wkv{layer}_y"])
     body = helper.make_graph(
         sub.nodes, f"wkv_body_{layer}",
-        [tensor_type(names[0], FLOAT, ["batch", H, N, N])] + [tensor_type(n, FLOAT, ["batch", H, N]) for n in names[1:]],
-        [tensor_type(f"wkv{layer}_s_out", FLOAT, ["batch", H, N, N]), tensor_type(f"wkv{layer}_y", FLOAT, ["batch", H, N])],
+        [tensor_type(names[0], FLOAT, ["batch", H, N, N])]
+        + [tensor_type(n, FLOAT, ["batch", *d]) for n, d in zip(names[1:], shapes)],
+        [tensor_type(f"wkv{layer}_s_out", FLOAT, ["batch", H, N, N]),
+         tensor_type(f"wkv{layer}_y", FLOAT, ["batch", *y_shape])],
         initializer=sub.initializers,
     )
     s, y = g.op("Scan", [s0, *inputs], n_out=2, name=f"wkv_scan_{layer}", body=body,
@@ -163,8 +194,10 @@ def _wkv(c: _Ctx, layer: int, state_wkv: str, inputs: list[str], extra: list[str
 
 
 def _time_mix_x070(c: _Ctx, i: int, x: str, state_att: str, state_wkv: str, v_first: str | None):
+    """RWKV-7 time mix of layer i from its state slices (att shift [B, C], wkv [B, H, N, N])."""
     g, a = c.g, f"blocks.{i}.att."
-    prev, last = c.shift(x, state_att, i)
+    H, N = c.config.n_head, c.config.head_size
+    prev, last = c.shift(x, state_att)
     d = g.op("Sub", [prev, x])
     xr, xw, xk, xv, xa, xg = (c.mix(x, d, a + n) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"))
     r = c.mm(xr, a + "receptance.weight")
@@ -174,8 +207,9 @@ def _time_mix_x070(c: _Ctx, i: int, x: str, state_att: str, state_wkv: str, v_fi
     decay = g.op("Exp", [g.op("Mul", [g.op("Sigmoid", [g.op("Add", [c.w(a + "w0"), decay])]), g.const(-0.606531)])])
     iclr = g.op("Sigmoid", [g.op("Add", [c.w(a + "a0"), c.mm(c.mm(xa, a + "a1"), a + "a2")])])
     gate = c.mm(g.op("Sigmoid", [c.mm(xg, a + "g1")]), a + "g2")
-    kk = c.heads(c.to_f32(g.op("Mul", [k, c.w(a + "k_k")])))
-    kk = g.op("Div", [kk, g.op("Max", [g.op("ReduceL2", [kk, g.ints([-1])], keepdims=1), g.const(1e-12)])])
+    # F.normalize(kk, dim=-1): x / max(|x|, 1e-12); LpNormalization divides by |x| (0 where |x| is 0), which
+    # differs only for a head whose |kk| is below 1e-12, i.e. an all-zero head (then both give 0 at b = kk*iclr)
+    kk = g.op("LpNormalization", [c.row(c.to_f32(g.op("Mul", [k, c.w(a + "k_k")])))], axis=-1, p=2)
     one = g.const(1.0, np.float16 if c.act == FLOAT16 else np.float32)
     k = g.op("Mul", [k, g.op("Add", [one, g.op("Mul", [g.op("Sub", [iclr, one]), c.w(a + "k_a")])])])
     if i == 0:
@@ -183,11 +217,20 @@ def _time_mix_x070(c: _Ctx, i: int, x: str, state_att: str, state_wkv: str, v_fi
     else:
         mixv = g.op("Sigmoid", [g.op("Add", [c.w(a + "v0"), c.mm(c.mm(xv, a + "v1"), a + "v2")])])
         v = g.op("Add", [v, g.op("Mul", [g.op("Sub", [v_first, v]), mixv])])
-    iclr_h = c.heads(c.to_f32(iclr))
-    wkv_in = [c.heads(c.to_f32(r)), c.heads(decay), c.heads(c.to_f32(k)), c.heads(c.to_f32(v)),
-              g.op("Neg", [kk]), g.op("Mul", [kk, iclr_h])]
-    s, y = _wkv(c, i, state_wkv, wkv_in, [])
-    y = c.to_act(c.group_norm(y, a + "ln_x"))
+    if c.fused and not c.seq:
+        kk = c.flat(kk)
+        y, s = g.op(wkv7_step.OP_TYPE, [state_wkv, c.to_f32(r), decay, c.to_f32(k), c.to_f32(v), g.op("Neg", [kk]),
+                                        g.op("Mul", [kk, c.to_f32(iclr)])],
+                    n_out=2, name=f"blocks_{i}_att_wkv7_step", domain=DOMAIN, head_size=N)
+        # a custom op has no shape inference: state its outputs' shapes, or every shape after it is unknown
+        c.value_info += [tensor_type(y, FLOAT, ["batch", H * N]), tensor_type(s, FLOAT, ["batch", H, N, N])]
+        y = c.to_act(c.group_norm(c.heads(y), a + "ln_x", [N]))
+    else:
+        wkv_in = [c.col(c.to_f32(r)), c.row(decay), c.row(c.to_f32(k)), c.col(c.to_f32(v)),
+                  c.col(kk), g.op("Mul", [kk, c.row(c.to_f32(iclr))])]
+        col, row = [H, N, 1], [H, 1, N]
+        s, y = _wkv(c, i, state_wkv, wkv_in, [], [col, row, row, col, col, row], col)
+        y = c.to_act(c.group_norm(y, a + "ln_x", col[1:]))
     rk = g.op("Mul", [c.heads(g.op("Mul", [r, k])), c.w(a + "r_k")])
     bonus = c.flat(g.op("Mul", [g.op("ReduceSum", [rk, g.ints([-1])], keepdims=1), c.heads(v)]))
     out = c.mm(g.op("Mul", [g.op("Add", [y, bonus]), gate]), a + "output.weight")
@@ -197,7 +240,8 @@ def _time_mix_x070(c: _Ctx, i: int, x: str, state_att: str, state_wkv: str, v_fi
 def _time_mix_x060(c: _Ctx, i: int, x: str, state_att: str, state_wkv: str):
     g, a = c.g, f"blocks.{i}.att."
     lm = c.config.lora["maa"]
-    prev, last = c.shift(x, state_att, i)
+    H, N = c.config.n_head, c.config.head_size
+    prev, last = c.shift(x, state_att)
     d = g.op("Sub", [prev, x])
     xxx = g.op("Tanh", [c.mm(c.mix(x, d, a + "time_maa_x"), a + "time_maa_w1")])
     xxx = g.op("Reshape", [xxx, g.ints(c.lead + [5, 1, lm])])
@@ -215,16 +259,17 @@ def _time_mix_x060(c: _Ctx, i: int, x: str, state_att: str, state_wkv: str):
     decay = c.to_f32(c.mm(g.op("Tanh", [c.mm(mixed["w"], a + "time_decay_w1")]), a + "time_decay_w2"))
     decay = g.op("Exp", [g.op("Neg", [g.op("Exp", [g.op("Add", [c.w(a + "time_decay"), decay])])])])
     u = g.op("Unsqueeze", [c.w(a + "time_faaaa"), g.ints([-1])])
-    wkv_in = [c.heads(c.to_f32(r)), c.heads(decay), c.heads(c.to_f32(k)), c.heads(c.to_f32(v))]
-    s, y = _wkv(c, i, state_wkv, wkv_in, [u])
-    y = c.to_act(c.group_norm(y, a + "ln_x"))
+    wkv_in = [c.row(c.to_f32(r)), c.col(decay), c.col(c.to_f32(k)), c.row(c.to_f32(v))]
+    col, row = [H, N, 1], [H, 1, N]
+    s, y = _wkv(c, i, state_wkv, wkv_in, [u], [row, col, col, row], row)
+    y = c.to_act(c.group_norm(y, a + "ln_x", row[1:]))
     out = c.mm(g.op("Mul", [y, gate]), a + "output.weight")
     return out, last, s
 
 
 def _channel_mix(c: _Ctx, i: int, x: str, state_ffn: str):
     g, f = c.g, f"blocks.{i}.ffn."
-    prev, last = c.shift(x, state_ffn, i)
+    prev, last = c.shift(x, state_ffn)
     d = g.op("Sub", [prev, x])
     if c.config.version == "x070":
         h = g.op("Relu", [c.mm(c.mix(x, d, f + "x_k"), f + "key.weight")])
@@ -232,6 +277,32 @@ def _channel_mix(c: _Ctx, i: int, x: str, state_ffn: str):
     h = g.op("Relu", [c.mm(c.mix(x, d, f + "time_maa_k"), f + "key.weight")])
     rec = g.op("Sigmoid", [c.mm(c.mix(x, d, f + "time_maa_r"), f + "receptance.weight")])
     return g.op("Mul", [rec, c.mm(g.op("Mul", [h, h]), f + "value.weight")]), last
+
+
+def _state_tail(config: ModelConfig, name: str) -> list[int]:
+    """A state tensor's dims after [L, B]."""
+    H, N = config.n_head, config.head_size
+    return [H, N, N] if name == "state_wkv" else [config.n_embd]
+
+
+def _layer_slices(c: _Ctx, name: str) -> list[str]:
+    """State input `name` [L, B, ...] as L per-layer tensors [B, ...]: one Reshape to [L*B, ...] and one Split
+    (instead of a Gather per layer)."""
+    g, L = c.g, c.config.n_layer
+    flat = g.op("Reshape", [name, g.ints([-1] + _state_tail(c.config, name))])
+    slices = [flat] if L == 1 else g.op("Split", [flat], n_out=L, name=f"{name}_layers", axis=0, num_outputs=L)
+    # each slice is [B, ...]: stated, so that shape inference (and onnxruntime's fusions, e.g. MatMul + Add into
+    # Gemm, which need the dims proven equal) sees the graph's one batch dimension, not a new one per slice
+    c.value_info += [tensor_type(s, FLOAT, ["batch", *_state_tail(c.config, name)]) for s in slices]
+    return slices
+
+
+def _stack_layers(c: _Ctx, name: str, parts: list[str]) -> None:
+    """Per-layer tensors [B, ...] as the output `new_<name>` [L, B, ...]: one Concat along B and one Reshape
+    (instead of an Unsqueeze per layer)."""
+    g = c.g
+    cat = g.op("Concat", parts, axis=0) if len(parts) > 1 else parts[0]
+    g.op("Reshape", [cat, g.ints([c.config.n_layer, -1] + _state_tail(c.config, name))], outputs=["new_" + name])
 
 
 Dims = list  # ints for fixed sizes, names ("batch", "tokens") for dynamic ones
@@ -273,47 +344,61 @@ def _value_dims(value: onnx.ValueInfoProto) -> Dims:
             for d in value.type.tensor_type.shape.dim]
 
 
+def check_wkv_op(wkv_op: str) -> None:
+    if wkv_op not in WKV_OPS:
+        raise ConfigError(f"unknown --wkv-op '{wkv_op}' (choose from {', '.join(WKV_OPS)})")
+
+
 def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, step: bool = False,
-                fp16: bool = False) -> onnx.ModelProto:
-    """Build the sequence (default) or step graph of a model as an in-memory ONNX model."""
-    c = _Ctx(GraphBuilder(), config, state_dict, FLOAT16 if fp16 else FLOAT, seq=not step)
+                fp16: bool = False, wkv_op: str = "fused") -> onnx.ModelProto:
+    """Build the sequence (default) or step graph of a model as an in-memory ONNX model.
+
+    `wkv_op` matters for an RWKV-7 step graph only: "fused" runs each layer's recurrence as one
+    rwkvq.WKV7Step node (needs the package's native op library), "standard" as standard ONNX ops.
+    """
+    check_wkv_op(wkv_op)
+    fused = step and wkv_op == "fused" and config.version == "x070"
+    c = _Ctx(GraphBuilder(), config, state_dict, FLOAT16 if fp16 else FLOAT, seq=not step, fused=fused)
     g = c.g
     L = config.n_layer
     tok_name = "token" if step else "tokens"
     x = g.op("Gather", [c.w(EMBEDDING), tok_name], axis=0)
     x = c.layer_norm(c.to_f32(x), "blocks.0.ln0")
     att, ffn, wkv = [], [], []
+    slices = {n: _layer_slices(c, n) for n in STATE_NAMES}
     v_first = None
     for i in range(L):
         b = f"blocks.{i}."
         xx = c.layer_norm(x, b + "ln1")
+        s_att, s_wkv = slices["state_att_shift"][i], slices["state_wkv"][i]
         if config.version == "x070":
-            out, last, s, v_first = _time_mix_x070(c, i, c.to_act(xx), "state_att_shift", "state_wkv", v_first)
+            out, last, s, v_first = _time_mix_x070(c, i, c.to_act(xx), s_att, s_wkv, v_first)
         else:
-            out, last, s = _time_mix_x060(c, i, c.to_act(xx), "state_att_shift", "state_wkv")
+            out, last, s = _time_mix_x060(c, i, c.to_act(xx), s_att, s_wkv)
         att.append(c.to_f32(last))
         wkv.append(s)
         x = g.op("Add", [x, c.to_f32(out)])
         xx = c.layer_norm(x, b + "ln2")
-        out, last = _channel_mix(c, i, c.to_act(xx), "state_ffn_shift")
+        out, last = _channel_mix(c, i, c.to_act(xx), slices["state_ffn_shift"][i])
         ffn.append(c.to_f32(last))
         x = g.op("Add", [x, c.to_f32(out)])
     x = c.to_act(c.layer_norm(x, "ln_out"))
     g.op("Identity", [c.to_f32(c.mm(x, HEAD))], outputs=["logits"])
     for name, parts in zip(STATE_NAMES, (att, ffn, wkv)):
-        g.op("Concat", [g.op("Unsqueeze", [p, g.ints([0])]) for p in parts], outputs=["new_" + name], axis=0)
+        _stack_layers(c, name, parts)
 
     in_shapes, out_shapes = io_shapes(config, step)
     inputs = [tensor_type(n, INT64 if n == tok_name else FLOAT, d) for n, d in in_shapes.items()]
     outputs = [tensor_type(n, FLOAT, d) for n, d in out_shapes.items()]
     graph = helper.make_graph(g.nodes, f"rwkv_{config.version}_{'step' if step else 'sequence'}",
-                              inputs, outputs, initializer=g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="rwkvq-onnx", ir_version=10)
+                              inputs, outputs, initializer=g.initializers, value_info=c.value_info)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(DOMAIN, OPSET_VERSION)] if fused else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="rwkvq-onnx", ir_version=10)
     helper.set_model_props(model, {
         CONFIG_KEY: config.to_json(),
         GRAPH_KEY: "step" if step else "sequence",
         DTYPE_KEY: "float16" if fp16 else "float32",
+        **({OPS_KEY: wkv7_step.OP_TYPE} if fused else {}),
     })
     return model
 
@@ -385,25 +470,30 @@ def output_files(path: str | Path, pair: bool = True) -> list[Path]:
     return [f for g in graphs for f in (g, g.with_name(g.name + ".data"))]
 
 
-def check_export_paths(checkpoint: str | Path, out: str | Path, mode: str = "sequence") -> None:
-    """Before loading anything: the checkpoint is a file, the output folder is writable, no output is the input."""
+def check_export_paths(checkpoint: str | Path, out: str | Path, mode: str = "sequence", wkv_op: str = "fused") -> None:
+    """Before loading anything: the checkpoint is a file, the output folder is writable, no output is the input,
+    the options are known."""
+    check_wkv_op(wkv_op)
     require_file(checkpoint, "checkpoint file", CheckpointError)
     check_writable(out)
     check_distinct([checkpoint], output_files(out, pair=mode == "both"))
 
 
 def export(config: ModelConfig, state_dict: Mapping[str, np.ndarray], out: str | Path, *,
-           mode: str = "sequence", fp16: bool = False) -> list[Path]:
-    """Export to `out` (sequence or step graph), or both to `out` and its `.step.onnx` sibling as one pair."""
+           mode: str = "sequence", fp16: bool = False, wkv_op: str = "fused") -> list[Path]:
+    """Export to `out` (sequence or step graph), or both to `out` and its `.step.onnx` sibling as one pair.
+
+    `wkv_op` is the step graph's RWKV-7 recurrence (see `build_graph`)."""
     if mode not in MODES:
         raise ConfigError(f"unknown export mode '{mode}' (choose from {', '.join(MODES)})")
+    check_wkv_op(wkv_op)
     out = Path(out)
     graphs = []
     if mode in ("sequence", "both"):
         graphs.append((build_graph(config, state_dict, step=False, fp16=fp16), out))
     if mode in ("step", "both"):
         target = out if mode == "step" else step_path(out)
-        graphs.append((build_graph(config, state_dict, step=True, fp16=fp16), target))
+        graphs.append((build_graph(config, state_dict, step=True, fp16=fp16, wkv_op=wkv_op), target))
     return save_pair(graphs)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import cpu_kernels
 from .names import DOMAIN
-from .opspec import sq_matmul, vq_elementwise, vq_matmul
+from .opspec import sq_matmul, vq_elementwise, vq_matmul, wkv7_step
 
 _REGISTERED = False
 
@@ -51,6 +51,11 @@ def register_python_ops() -> str:
                  outputs=[dtypes[sq_matmul.OUTPUT_DTYPE]], attrs={k: T.dt_int64 for k in sq_matmul.ATTRIBUTES})
         def run_sq_matmul(x, codes, scales, zero_points, **attrs):
             return sq_matmul.reference(x, codes, scales, zero_points, **{k: int(v) for k, v in attrs.items()})
+
+        @onnx_op(op_type=f"{DOMAIN}::{wkv7_step.OP_TYPE}", inputs=[T.dt_float] * len(wkv7_step.INPUTS),
+                 outputs=[T.dt_float] * len(wkv7_step.OUTPUTS), attrs={"head_size": T.dt_int64})
+        def run_wkv7_step(state, r, w, k, v, a, b, **attrs):
+            return wkv7_step.reference(state, r, w, k, v, a, b, head_size=int(attrs["head_size"]))
 
         _REGISTERED = True
     return get_library_path()

@@ -35,7 +35,7 @@ from .atomic import atomic_path, check_writable, write_text
 from .errors import ConfigError, MissingDependencyError, OutputError
 from .export import read_config
 from .names import DOMAIN, DTYPE_KEY
-from .opspec import SPECS, vq_matmul
+from .opspec import SPECS, vq_matmul, wkv7_step
 
 TENSORRT_HINT = ("install TensorRT 10.9 or later (pip install 'rwkvq-onnx[tensorrt]') on a machine with an NVIDIA "
                  "GPU and driver; see README, 'GPU deployment'")
@@ -161,7 +161,12 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
     m = onnx.ModelProto()
     m.CopyFrom(model)
     notes = {"functions_stripped": len(m.functions), "plugins": {}, "casts_added": 0, "weights_as_int32_words": 0,
-             "max_rows": max_rows}
+             "max_rows": max_rows, "wkv_steps_lowered": 0}
+    if any(n.domain == DOMAIN and n.op_type == wkv7_step.OP_TYPE for n in m.graph.node):
+        # the fused recurrence step has no TensorRT plugin: its standard-op form runs as TensorRT's own layers
+        from .passes.lower_vq import LowerVQ
+
+        notes["wkv_steps_lowered"] = LowerVQ(ops=(wkv7_step.OP_TYPE,))(m).counts.get(wkv7_step.OP_TYPE, 0)
     del m.functions[:]
     inits = {t.name: t for t in m.graph.initializer}
     for node in m.graph.node:

@@ -7,7 +7,9 @@ For each model it runs the step graph (the `.step.onnx` sibling when given a
 sequence graph) token by token with profiling on, then prints the share of
 kernel time per operator type (MatMul, MatMulNBits, the rwkvq custom ops,
 the WKV recurrence's element-wise ops, ...) and the session overhead (wall
-time not spent in kernels).
+time not spent in kernels). It also counts nodes per decoded token: the step
+graph's nodes as written (by operator type) and the kernels onnxruntime ran per
+token after its own graph optimizations.
 """
 from __future__ import annotations
 
@@ -18,6 +20,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+
+def graph_node_counts(path: Path) -> dict[str, int]:
+    """Nodes of a graph file by operator type (domain-qualified for custom ops), most frequent first."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        counts[f"{node.domain}.{node.op_type}" if node.domain else node.op_type] += 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def profile(model: Path, tokens: int, threads: int | None) -> dict:
@@ -45,11 +58,16 @@ def profile(model: Path, tokens: int, threads: int | None) -> dict:
     wall = time.perf_counter() - t0
     trace = json.loads(Path(sess.end_profiling()).read_text())
     by_op: dict[str, float] = defaultdict(float)
+    runs = 0
     for ev in trace:
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
             by_op[ev.get("args", {}).get("op_name", "?")] += ev["dur"] / 1e6
+            runs += 1
     kernels = sum(by_op.values())
+    nodes = graph_node_counts(path)
     return {"model": str(path), "tokens": tokens, "ms_per_token": 1e3 * wall / tokens,
+            "graph_nodes_per_token": sum(nodes.values()), "graph_nodes_by_op": nodes,
+            "kernels_run_per_token": runs / tokens,
             "kernel_share": {k: v / wall for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
             "overhead_share": max(0.0, 1 - kernels / wall)}
 
@@ -63,7 +81,10 @@ def main() -> None:
     args = ap.parse_args()
     results = [profile(m, args.tokens, args.threads) for m in args.models]
     for r in results:
-        print(f"{r['model']}: {r['ms_per_token']:.2f} ms/token; session overhead {100 * r['overhead_share']:.1f}%")
+        print(f"{r['model']}: {r['ms_per_token']:.2f} ms/token; session overhead {100 * r['overhead_share']:.1f}%; "
+              f"{r['graph_nodes_per_token']} graph nodes per token, {r['kernels_run_per_token']:.0f} kernels run "
+              f"per token")
+        print("    nodes: " + ", ".join(f"{op} {n}" for op, n in r["graph_nodes_by_op"].items()))
         for op, share in list(r["kernel_share"].items())[:8]:
             print(f"    {op:24s} {100 * share:5.1f}%")
     if args.json:

@@ -7,6 +7,7 @@ kernel tests) reads it from its module here:
     vq_matmul       rwkvq.VQMatMul(x, codes, codebooks, scales) -> x @ W^T
     vq_elementwise  rwkvq.VQElementwise(x, codes, codebook)     -> x * v
     sq_matmul       rwkvq.SQMatMul(x, codes, scales, zero_points) -> x @ W^T (packed 2/3/4-bit scalar W)
+    wkv7_step       rwkvq.WKV7Step(state, r, w, k, v, a, b)     -> (y, new_state), one RWKV-7 recurrence step
     bitpack         the bit-packer all packed formats share
 
 Importing this package needs numpy only (no torch, no graphsurgeon), so the
@@ -14,8 +15,8 @@ runtime can use the references.
 """
 from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
 
-from . import sq_matmul, vq_elementwise, vq_matmul
+from . import sq_matmul, vq_elementwise, vq_matmul, wkv7_step
 
-SPECS = {spec.OP_TYPE: spec for spec in (vq_matmul, vq_elementwise, sq_matmul)}  # op type -> its spec module
+SPECS = {spec.OP_TYPE: spec for spec in (vq_matmul, vq_elementwise, sq_matmul, wkv7_step)}  # op type -> its spec module
 
-__all__ = ["DOMAIN", "OPSET_VERSION", "SPECS", "sq_matmul", "vq_elementwise", "vq_matmul"]
+__all__ = ["DOMAIN", "OPSET_VERSION", "SPECS", "sq_matmul", "vq_elementwise", "vq_matmul", "wkv7_step"]

@@ -1,0 +1,89 @@
+/* The RWKV-7 WKV step kernel: see rwkvq_wkv7.h. Float arithmetic in the order of the official formula
+ * (decay, then the (S a) b^T term, then v k^T), one state row at a time: its dot product with a, its update,
+ * its dot product with r. Portable C the compiler vectorizes (no ISA-specific code, so no dispatch needed). */
+#include "rwkvq_wkv7.h"
+
+#include <stdio.h>
+
+#define LIMIT_ELEMENTS ((int64_t)1 << 62) /* every element count and offset stays far below int64's limit */
+
+const char* rwkvq_wkv7_check_state(int64_t head_size, int rank, const int64_t* dims, int64_t* batch,
+                                   int64_t* heads, char* msg, size_t cap) {
+    if (head_size < 1 || head_size > RWKVQ_WKV7_MAX_HEAD) {
+        snprintf(msg, cap, "attribute head_size=%lld is outside [1, %d]", (long long)head_size, RWKVQ_WKV7_MAX_HEAD);
+        return msg;
+    }
+    if (rank != 4) {
+        snprintf(msg, cap, "the state has rank %d, expected 4 ([B, H, N, N])", rank);
+        return msg;
+    }
+    if (dims[0] < 0 || dims[1] < 1 || dims[2] != head_size || dims[3] != head_size) {
+        snprintf(msg, cap, "the state has shape [%lld, %lld, %lld, %lld], expected [B, H, %lld, %lld] with H >= 1",
+                 (long long)dims[0], (long long)dims[1], (long long)dims[2], (long long)dims[3],
+                 (long long)head_size, (long long)head_size);
+        return msg;
+    }
+    int64_t channels, per_batch, total;
+    if (__builtin_mul_overflow(dims[1], head_size, &channels) || channels >= ((int64_t)1 << 31) ||
+        __builtin_mul_overflow(channels, head_size, &per_batch) ||
+        __builtin_mul_overflow(per_batch, dims[0], &total) || total >= LIMIT_ELEMENTS) {
+        snprintf(msg, cap, "the state [%lld, %lld, %lld, %lld] is too large", (long long)dims[0], (long long)dims[1],
+                 (long long)dims[2], (long long)dims[3]);
+        return msg;
+    }
+    *batch = dims[0];
+    *heads = dims[1];
+    return NULL;
+}
+
+const char* rwkvq_wkv7_check_vector(const char* what, int64_t batch, int64_t channels, int rank,
+                                    const int64_t* dims, char* msg, size_t cap) {
+    if (rank != 2 || dims[0] != batch || dims[1] != channels) {
+        char got[96] = "";
+        int used = 0;
+        for (int i = 0; i < rank && i < 4 && used < (int)sizeof got - 24; ++i)
+            used += snprintf(got + used, sizeof got - (size_t)used, i ? ", %lld" : "%lld", (long long)dims[i]);
+        snprintf(msg, cap, "%s has shape [%s%s], expected [%lld, %lld] (the state's batch, heads x head_size)", what,
+                 got, rank > 4 ? ", ..." : "", (long long)batch, (long long)channels);
+        return msg;
+    }
+    return NULL;
+}
+
+/* sum_j x[j] * y[j] over n values in LANES independent partial sums (which the compiler maps onto vector
+ * registers without reassociating anything), then added pairwise */
+#define LANES 8
+static float dot(const float* restrict x, const float* restrict y, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; ++l) acc[l] += x[j + l] * y[j + l];
+    float tail = 0.0f;
+    for (; j < n; ++j) tail += x[j] * y[j];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+/* out[j] = s[j] * w[j] + sa * b[j] + v * k[j]: element-wise, vectorized */
+static void update_row(const float* restrict s, const float* restrict w, const float* restrict b,
+                       const float* restrict k, float sa, float v, float* restrict out, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) out[j] = s[j] * w[j] + sa * b[j] + v * k[j];
+}
+
+int rwkvq_wkv7_step(const float* state, const float* r, const float* w, const float* k, const float* v,
+                    const float* a, const float* b, float* y, float* new_state, int64_t heads, int64_t head_size,
+                    int64_t first, int64_t count) {
+    if (head_size < 1 || head_size > RWKVQ_WKV7_MAX_HEAD || heads < 1 || first < 0 || count < 0)
+        return RWKVQ_WKV7_BAD_SIZES;
+    const int64_t N = head_size;
+    for (int64_t bh = first; bh < first + count; ++bh) {
+        const int64_t vec = bh * N;  /* offset of this head in the [B, H * N] vectors (b * H * N + h * N) */
+        const int64_t mat = vec * N; /* and in the [B, H, N, N] state */
+        for (int64_t i = 0; i < N; ++i) {
+            const float* S = state + mat + i * N;
+            float* out = new_state + mat + i * N;
+            update_row(S, w + vec, b + vec, k + vec, dot(S, a + vec, N), v[vec + i], out, N);
+            y[vec + i] = dot(out, r + vec, N);
+        }
+    }
+    return 0;
+}
