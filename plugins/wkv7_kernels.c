@@ -69,6 +69,11 @@ static void update_row(const float* restrict s, const float* restrict w, const f
     for (int64_t j = 0; j < n; ++j) out[j] = s[j] * w[j] + sa * b[j] + v * k[j];
 }
 
+/* Built for baseline x86-64 like the rest of the library; on x86-64 GCC also compiles an AVX2 clone (the helpers
+ * above inline into it: 8-wide vectors instead of 4) and the loader picks it on CPUs that have AVX2. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 int rwkvq_wkv7_step(const float* state, const float* r, const float* w, const float* k, const float* v,
                     const float* a, const float* b, float* y, float* new_state, int64_t heads, int64_t head_size,
                     int64_t first, int64_t count) {
