@@ -32,7 +32,7 @@ from .rewrite_vector import RewriteVector
 class LoweringOptions:
     """How payloads are stored in the graph (not what they are)."""
 
-    sq_format: str = "qdq"  # qdq | matmulnbits | sqmatmul
+    sq_format: str = "sqmatmul"  # sqmatmul | qdq | matmulnbits
     fold_elementwise: bool = False
     lower_vq: bool = False
     embedding_bits: int | None = None

@@ -331,10 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index bits of the element-wise codebooks (default 4)")
     q.add_argument("--fold-elementwise", action="store_true",
                    help="store decoded element-wise vectors as constants (default: off)")
-    q.add_argument("--sq-format", choices=("qdq", "matmulnbits", "sqmatmul"), default="qdq",
-                   help="scalar weights as DequantizeLinear+MatMul, com.microsoft.MatMulNBits (4-bit containers), or "
-                        "rwkvq.SQMatMul (2/3/4-bit codes packed at their width, native CPU kernels; not for TensorRT "
-                        "unless --lower-vq) (default: qdq)")
+    q.add_argument("--sq-format", choices=("sqmatmul", "qdq", "matmulnbits"), default="sqmatmul",
+                   help="scalar weights as rwkvq.SQMatMul (2/3/4-bit codes packed at their width, so the bytes "
+                        "stored are the bpw reported; native CPU kernels; build-engine and --lower-vq turn it into "
+                        "the qdq form), DequantizeLinear+MatMul on int4 containers, or com.microsoft.MatMulNBits "
+                        "(4-bit containers); weights it cannot take (K or the group size not a multiple of 32, "
+                        "8 bits) fall back to qdq (default: sqmatmul)")
     q.add_argument("--lower-vq", action="store_true",
                    help="rewrite rwkvq ops into standard ONNX ops (default: off)")
     q.add_argument("--embedding-bits", type=int, choices=(8,), default=None,

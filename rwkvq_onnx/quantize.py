@@ -75,7 +75,7 @@ class QuantizeOptions:
     elementwise_bits: int = 4
     elementwise_percentile: float = 99.0
     fold_elementwise: bool = False
-    sq_format: str = "qdq"
+    sq_format: str = "sqmatmul"
     lower_vq: bool = False
     tokenizer: str | None = None
     ranking: str = "proxy"  # ablations: coarse | fine | variance | range | mse

@@ -78,7 +78,7 @@ def test_pipeline_on_an_exported_graph_equals_the_dequantized_weights(tiny, step
     results = lower_payloads([model], payloads, LoweringOptions(), log=lines.append)
 
     by_pass = {r.name: r.counts for r in results}
-    assert by_pass["rewrite-scalar"] == {"qdq": 1} and by_pass["rewrite-vector"] == {"vq_matmul": 1}
+    assert by_pass["rewrite-scalar"] == {"sqmatmul": 1} and by_pass["rewrite-vector"] == {"vq_matmul": 1}
     assert by_pass["rewrite-elementwise"] == {"vq_elementwise": 1}
     assert "rewrite-vector: rewrote 1 MatMuls to rwkvq.VQMatMul" in lines
     # the Scan bodies come back as they were, and nothing is stored twice
@@ -99,7 +99,7 @@ def test_lowered_vq_graph_keeps_no_rwkvq_domain(tiny):
     lower_payloads([model], payloads, LoweringOptions())
     results = lower_payloads([plain], payloads, LoweringOptions(lower_vq=True))
     # and the step graph's fused recurrence (export's default), one per layer
-    assert {r.name: r.counts for r in results}["lower-vq"] == {"VQMatMul": 1, "VQElementwise": 1,
+    assert {r.name: r.counts for r in results}["lower-vq"] == {"VQMatMul": 1, "VQElementwise": 1, "SQMatMul": 1,
                                                                 "WKV7Step": config.n_layer}
     assert not any(n.domain == DOMAIN for n in plain.graph.node)
     assert not any(o.domain == DOMAIN for o in plain.opset_import)

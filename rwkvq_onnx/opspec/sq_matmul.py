@@ -199,7 +199,8 @@ def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
         MatMul(x, DequantizeLinear(codes uint4 [K, N], scale float32 [G, N], zero uint4 [G, N], axis=0,
                                    block_size=group_size))
 
-    the QDQ form of `--sq-format qdq` (its constants come from the same helper), so plain onnxruntime runs it.
+    the QDQ form of `--sq-format qdq` (its constants come from the same helper), so plain onnxruntime runs it;
+    symmetric payloads (every zero point 2^(bits-1)) as signed int4 without a zero point, as qdq writes them.
     Scales are widened to float32 (exactly) because the op's x and y are float32.
     """
     import onnx_graphsurgeon as gs
@@ -211,8 +212,12 @@ def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
         raise fail(node.name, QUALIFIED, "lowering needs constant codes, scales and zero points")
     x, codes, scales, zero_points = node.inputs
     a = validate(node.attrs, codes, scales, zero_points, node=node.name)
+    zeros = zero_point_values(a, zero_points.values)
+    # a payload whose zero points are all the symmetric one lowers as symmetric: signed int4 without a zero
+    # point, the form TensorRT dequantizes (it takes zero point 0 only)
+    symmetric = bool(np.all(zeros == 1 << (a.bits - 1)))
     q = ScalarQuantized(unpack_codes(codes.values, a.bits, a.K), np.asarray(scales.values, np.float16),
-                        zero_point_values(a, zero_points.values), a.bits, a.group_size, symmetric=False)
+                        zeros, a.bits, a.group_size, symmetric=symmetric)
     weight = gs.Variable(prefix + "_dq", dtype=np.float32)
     return [gs.Node("DequantizeLinear", prefix + "_dequantize", {"axis": 0, "block_size": a.group_size},
                     qdq_constants(q, prefix, np.float32), [weight]),
