@@ -125,3 +125,19 @@ def test_runtime_imports_neither_torch_nor_onnx():
     code = "import sys, rwkvq_onnx.runtime, rwkvq_onnx.decode; print(sorted({'torch', 'onnx'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cli_kernels_option(pair, capsys):
+    from rwkvq_onnx.cli import main
+
+    inline, _ = pair
+    for kernels in ("fast", "exact"):
+        assert main(["generate", str(inline), "--prompt", "ab", "--max-tokens", "4", "--greedy",
+                     "--tokenizer", "bytes", "--kernels", kernels]) in (0, None)
+    texts = capsys.readouterr().out.splitlines()
+    assert len(texts) == 4 and texts[0] == texts[2]  # same greedy text on both paths (the tiny model, 4 tokens)
+    with pytest.raises(SystemExit):
+        main(["generate", str(inline), "--prompt", "ab", "--kernels", "turbo"])
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--kernels {fast,exact}" in capsys.readouterr().out
