@@ -166,11 +166,13 @@ class RwkvSession:
     comparisons with the reference).
     """
 
-    # Pre-packing per session (measured at 0.1B, see tools/bench.py): the step session pre-packs (onnxruntime's
-    # MatMul / MatMulNBits decode kernels need their packed layout to be fast), the sequence session reads the
-    # shared weights as they are (its large-M GEMMs pack on the fly at little cost), so those weights are held
-    # once by the mapping plus once packed for decoding rather than twice packed.
-    PREPACK = {"sequence": False, "step": True}
+    # Operators whose weights are pre-packed when a pair's graphs contain them. onnxruntime pre-packs per session
+    # (each session its own re-laid-out copy: the one thing two sessions cannot share), so a shared pair is
+    # opened without pre-packing unless it holds an operator that needs it: MatMulNBits without its packed
+    # weights dequantizes the whole weight to float on every call (0.1B with an int8 embedding and a 4-bit
+    # head: decode 0.48 instead of 2.5 tokens/s, and a 200 MB transient per prefill). Float MatMul packs its
+    # weight panels on the fly at no measured cost to decode or prefill, so fp graphs keep one copy.
+    NEEDS_PREPACK = frozenset({"MatMulNBits"})
 
     def __init__(self, path: str | Path, threads: int | None = None, use_step_graph: bool = True,
                  kernels: str = "fast") -> None:
@@ -178,14 +180,14 @@ class RwkvSession:
         self.kernels = kernels
         self._threads = threads
         self._shared = self._map_shared()
-        first = self._open(self.path, "step" if self.path.name.endswith(".step.onnx") else "sequence")
+        first = self._open(self.path)
         self.config, kind, pair_id = _metadata(first, self.path)
         self.sequence = first if kind == "sequence" else None
         self.step_session = first if kind == "step" else None
         self.step_path = self.path if kind == "step" else step_path(self.path)
         sibling = self.step_path
         if self.step_session is None and use_step_graph and sibling.is_file():
-            self.step_session = self._open(sibling, "step")
+            self.step_session = self._open(sibling)
             step_config, step_kind, step_id = _metadata(self.step_session, sibling)
             if step_kind != "step" or step_config != self.config:
                 raise RwkvqError(f"step graph does not match {self.path.name}", sibling)
@@ -194,25 +196,21 @@ class RwkvSession:
                 raise RwkvqError(f"{sibling.name} and {self.path.name} were not written together (their pair "
                                  f"identities differ): regenerate the older one, {stale}, with the command that "
                                  f"wrote the other (export --mode both, or quantize)", sibling)
-        if self._shared:
-            from .shared_data import release_pages
 
-            release_pages(self._shared[1])  # pages read only to pre-pack: dropped, the page cache keeps them
-
-    def _map_shared(self) -> tuple[str, dict, dict] | None:
-        """(pair identity, arrays, OrtValues) of the pair's shared data file, or None when it has none."""
+    def _map_shared(self) -> tuple[dict, dict, dict] | None:
+        """(header, arrays, OrtValues) of the pair's shared data file, or None when it has none."""
         from .shared_data import data_path, map_tensors
 
         name = self.path.name
         seq = self.path.with_name(name[: -len(".step.onnx")] + ".onnx") if name.endswith(".step.onnx") else self.path
-        pair_id, arrays = map_tensors(data_path(seq))
-        if not arrays or not pair_id:
+        header, arrays = map_tensors(data_path(seq))
+        if not arrays or not header.get("pair_id"):
             return None
         import onnxruntime as ort
 
-        return pair_id, arrays, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
+        return header, arrays, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
 
-    def _open(self, path: Path, kind: str):
+    def _open(self, path: Path):
         """A session over one graph, on the shared weights when the graph is the pair they were written for.
 
         The data file's pair identity must be the graph's: a graph rewritten
@@ -220,13 +218,17 @@ class RwkvSession:
         """
         if self._shared is None:
             return open_session(path, self._threads, self.kernels)
-        pair_id, _, values = self._shared
+        from .shared_data import release_pages
+
+        header, arrays, values = self._shared
+        prepack = bool(self.NEEDS_PREPACK & set(header.get("op_types", self.NEEDS_PREPACK)))
         try:
-            session = open_session(path, self._threads, self.kernels, values, self.PREPACK[kind])
+            session = open_session(path, self._threads, self.kernels, values, prepack)
         except RwkvqError:  # e.g. a rewritten graph whose tensors of the same names have other shapes
             session = None
-        if session is None or session.get_modelmeta().custom_metadata_map.get(PAIR_ID_KEY) != pair_id:
+        if session is None or session.get_modelmeta().custom_metadata_map.get(PAIR_ID_KEY) != header["pair_id"]:
             session = open_session(path, self._threads, self.kernels)
+        release_pages(arrays)  # pages read only to pre-pack are dropped (the page cache keeps them)
         return session
 
     def zero_state(self, batch: int = 1) -> StateArrays:

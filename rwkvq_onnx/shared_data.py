@@ -11,7 +11,8 @@ graphs to find the tensors:
 
     bytes 0..7    magic b"RWKVQW01"
     bytes 8..15   little-endian uint64: length of the JSON index that follows
-    JSON          {"tensors": {name: {"offset", "length", "dtype", "dims"}}}
+    JSON          {"pair_id": the pair identity of the graphs, "op_types": [the graphs' node types],
+                   "tensors": {name: {"offset", "length", "dtype", "dims"}}}
 
 `dtype` is the ONNX TensorProto data type number. Offsets are multiples of
 `ALIGN` (a page), so `np.memmap` views of the tensors are page-aligned and
@@ -113,10 +114,11 @@ def _write(models: Sequence, folder: Path, name: str, pair_id: str) -> list[tupl
             refs.append((t, entries[key]))
     index = {n: entries[(n, next(iter(d)))] for n, d in variants.items() if len(d) == 1}
     # the header's size depends on the offsets it lists: size it with the largest offsets it could hold
-    probe = json.dumps({"pair_id": pair_id, "tensors": {n: {**e, "offset": 10**15} for n, e in index.items()}}).encode()
+    ops = sorted({n.op_type for m in models for n in m.graph.node})
+    probe = json.dumps({"pair_id": pair_id, "op_types": ops, "tensors": {n: {**e, "offset": 10**15} for n, e in index.items()}}).encode()
     base = -(-(16 + len(probe)) // ALIGN) * ALIGN
     index = {n: {**e, "offset": e["offset"] + base} for n, e in index.items()}
-    header = json.dumps({"pair_id": pair_id, "tensors": index}).encode()
+    header = json.dumps({"pair_id": pair_id, "op_types": ops, "tensors": index}).encode()
     with open(folder / name, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(header)) + header)
         for off, raw in blobs:
@@ -156,9 +158,9 @@ def read_index(path: str | Path) -> dict | None:
     return index
 
 
-def map_tensors(path: str | Path) -> tuple[str | None, dict[str, np.ndarray]]:
-    """(pair identity, read-only page-cache-backed views of the indexed tensors numpy can hold); (None, {})
-    when `path` is no shared data file.
+def map_tensors(path: str | Path) -> tuple[dict | None, dict[str, np.ndarray]]:
+    """(header, read-only page-cache-backed views of the indexed tensors numpy can hold); (None, {}) when
+    `path` is no shared data file.
 
     One `np.memmap` of the whole file: every view shares its pages, which
     are the file's page cache, so the weights are in memory once however many
@@ -181,7 +183,7 @@ def map_tensors(path: str | Path) -> tuple[str | None, dict[str, np.ndarray]]:
             raise RwkvqError(f"weight index entry '{name}' does not fit the file (offset {offset}, length "
                              f"{length}, dims {dims}, file size {size})", path)
         out[name] = whole[offset:offset + length].view(dtype).reshape(dims)
-    return header.get("pair_id"), out
+    return header, out
 
 
 def release_pages(arrays: dict[str, np.ndarray]) -> None:

@@ -43,6 +43,10 @@ def test_shared_pair_stores_each_weight_once_and_runs_the_same(pair):
     toks = np.arange(1, 40, dtype=np.int64)[None] % 256
     a, b = RwkvSession(inline, kernels="exact"), RwkvSession(shared, kernels="exact")
     assert b._shared is not None and a._shared is None
+    # a float pair holds no operator that needs pre-packing: no session makes its own copy of the weights
+    assert "MatMul" in header["op_types"] and not RwkvSession.NEEDS_PREPACK & set(header["op_types"])
+    for sess in (b.sequence, b.step_session):
+        assert sess.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
     # same weights, same kernels: the sessions compute the same floats (up to GEMM blocking with and without
     # pre-packed weights, well under 1e-5 on these magnitudes)
     la, sa = a.forward(toks)
