@@ -72,8 +72,8 @@ def generate(session: RwkvSession, tokenizer: Tokenizer, prompt: str, max_tokens
     if not prompt_ids:
         raise ConfigError("the prompt is empty and the tokenizer has no BOS token")
     t0 = time.perf_counter()
-    logits, state = session.forward(np.asarray([prompt_ids]))
-    last = logits[0, -1]
+    logits, state = session.prefill(np.asarray([prompt_ids]))
+    last = logits[0]
     t1 = time.perf_counter()
     out: list[int] = []
     decoder = session.decoder(state)  # the state stays in onnxruntime buffers between tokens

@@ -32,6 +32,7 @@ from .paths import require_file
 
 StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 KERNELS = ("exact", "fast")
+PREFILL_CHUNK = 128  # tokens per sequence-graph run in RwkvSession.prefill
 ISAS = ("auto", "scalar", "avx2", "avxvnni", "avx512vnni")
 
 
@@ -252,6 +253,21 @@ class RwkvSession:
             return np.stack(outs, axis=1), state
         logits, *new = run_session(self.sequence, self.path, {"tokens": tokens, **self._feeds(state)})
         return logits, tuple(new)
+
+    def prefill(self, tokens: np.ndarray, state: StateArrays | None = None,
+                chunk: int = PREFILL_CHUNK) -> tuple[np.ndarray, StateArrays]:
+        """tokens int [B, T] -> the logits after the last token [B, V] and the state, running the sequence
+        graph `chunk` tokens at a time: the same result as `forward` (the recurrence carries the state between
+        chunks) without holding [B, T, V] logits and T-long activations at once (generation needs the last
+        logits only; 0.1B, T = 512: the full logits alone are 128 MiB)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ConfigError(f"prefill() needs tokens of shape [B, T>0], got {tokens.shape}")
+        if chunk < 1:
+            raise ConfigError(f"prefill() needs a chunk of at least 1 token, got {chunk}")
+        for start in range(0, tokens.shape[1], chunk):
+            logits, state = self.forward(tokens[:, start:start + chunk], state)
+        return logits[:, -1].copy(), state
 
     def step(self, token: np.ndarray, state: StateArrays | None = None) -> tuple[np.ndarray, StateArrays]:
         """token int [B] -> logits float32 [B, V] and the next state (step graph when there is one)."""

@@ -15,8 +15,9 @@ shared machine hit the numerator and the denominator alike:
 
 - peak RSS of a process that loads the model (sequence and step graph, one
   copy of the weights when the pair shares a data file), prefills
-  --rss-prefill tokens (512) and decodes --decode-tokens (64): measured
-  right after that workload, before the timing runs;
+  --rss-prefill tokens (512, as generation does: RwkvSession.prefill, 128
+  tokens per run, last logits kept) and decodes --decode-tokens (64):
+  measured right after that workload, before the timing runs;
 - decode tokens/s: batch 1, step graph with the state bound in onnxruntime
   buffers (RwkvSession.decoder), after warm-up, median of --runs;
 - prefill tokens/s at each --prefill length (sequence graph, median);
@@ -78,7 +79,7 @@ def measure(model: str, decode_tokens: int, prefill: list[int], runs: int, threa
     tokens = rng.integers(0, vocab, size=max([decode_tokens, rss_prefill, *prefill]) + decode_tokens + 8)
 
     # the workload whose peak RSS is reported: prefill, then decode from the state it leaves
-    _, state = sess.forward(tokens[None, :rss_prefill])
+    _, state = sess.prefill(tokens[None, :rss_prefill])
     dec = sess.decoder(state)
     for t in tokens[rss_prefill:rss_prefill + decode_tokens]:
         dec.step(t)
