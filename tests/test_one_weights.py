@@ -1,15 +1,15 @@
 """One copy of the weights for the sequence and step graphs, and the I/O-bound decoder."""
 from __future__ import annotations
 
-import sys
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from rwkvq_onnx import shared_data
 from rwkvq_onnx.errors import ConfigError, RwkvqError
-from rwkvq_onnx.export import export, step_path
+from rwkvq_onnx.export import export
 from rwkvq_onnx.runtime import RwkvSession
 from rwkvq_onnx.synthetic import synthetic_rwkv7, synthetic_rwkv7_config
 
@@ -66,7 +66,8 @@ def test_graph_rewritten_alone_beside_an_old_data_file_uses_its_own_weights(tmp_
     assert shared_data.data_path(shared).is_file()
     sess = RwkvSession(shared, use_step_graph=False, kernels="exact")
     after = sess.forward(np.array([[5, 6, 7]]))[0]
-    ref = _export(tmp_path / "ref", "r.onnx", False, monkeypatch, seed=4) if (tmp_path / "ref").mkdir() is None else None
+    (tmp_path / "ref").mkdir()
+    ref = _export(tmp_path / "ref", "r.onnx", False, monkeypatch, seed=4)  # the new weights, on their own
     expect = RwkvSession(ref, use_step_graph=False, kernels="exact").forward(np.array([[5, 6, 7]]))[0]
     assert np.abs(after - before).max() > 1e-3  # different weights (the check below is not vacuous)
     np.testing.assert_allclose(after, expect, atol=1e-5)
