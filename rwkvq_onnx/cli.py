@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     text_docs = (read_documents(args.text, args.chunk_len or None, args.chunk_every)[: args.max_docs]
                  if args.text else None)
     lambada_docs = read_documents(args.lambada)[: args.max_docs] if args.lambada else None
-    session = RwkvSession(args.model, threads=args.threads)
+    session = RwkvSession(args.model, threads=args.threads, kernels=args.kernels)
     tokenizer = get_tokenizer(args.tokenizer, session.config.vocab_size)
     text = lambada = None
     chunking = {"chunk_len": args.chunk_len or None, "chunk_every": args.chunk_every}
@@ -89,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .runtime import RwkvSession
     from .tokenizers import get_tokenizer
 
-    session = RwkvSession(args.model, threads=args.threads)
+    session = RwkvSession(args.model, threads=args.threads, kernels=args.kernels)
     tokenizer = get_tokenizer(args.tokenizer, session.config.vocab_size)
     result = generate(session, tokenizer, args.prompt, args.max_tokens, greedy=args.greedy,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -158,7 +158,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     info_a, info_b = model_info(args.a), model_info(args.b)
     for path in (args.a, args.b):  # a graph that is not what its metadata says is refused here
         if path.suffix != ".plan":
-            RwkvSession(path, use_step_graph=False)
+            RwkvSession(path, use_step_graph=False, kernels="exact")
     mode = choose_mode(info_a, info_b) if args.mode == AUTO else args.mode
     why = "forced by --mode" if args.mode != AUTO else (
         "the models are quantized differently (rwkvq.quantization metadata)" if mode == AGREEMENT
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--tokenizer", default="auto",
                        help=TOKENIZER_HELP)
         q.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+        q.add_argument("--kernels", choices=("fast", "exact"), default="fast",
+                       help="numerics of the native rwkvq ops: fast (int8 activations per block of 32, float "
+                            "accumulation; the default) or exact (float activations, as the reference)")
 
     v = sub.add_parser("eval", help="perplexity / bits-per-byte / LAMBADA accuracy",
                        description="Evaluate an exported model: perplexity and bits-per-byte on a text or jsonl "

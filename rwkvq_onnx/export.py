@@ -43,26 +43,20 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import shared_data
 from .atomic import atomic_dir, check_writable
 from .checkpoint import ModelConfig
 from .errors import CheckpointError, ConfigError
+from .graph_io import STATE_NAMES, Dims, check_io, io_shapes, step_path  # noqa: F401 (re-exported)
 from .graph_builder import FLOAT, FLOAT16, INT64, OPSET, GraphBuilder, tensor_type
 from .names import (CONFIG_KEY, DOMAIN, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, OPS_KEY,
                     OPSET_VERSION, PAIR_ID_KEY, is_linear_weight)
 from .opspec import wkv7_step
 from .paths import check_distinct, require_file
 
-STATE_NAMES = ("state_att_shift", "state_ffn_shift", "state_wkv")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB
 MODES = ("sequence", "step", "both")
 WKV_OPS = ("fused", "standard")  # the step graph's RWKV-7 recurrence: one rwkvq.WKV7Step per layer, or standard ops
-
-def step_path(path: str | Path) -> Path:
-    """The step graph written beside a sequence graph: `OUT.onnx` -> `OUT.step.onnx`."""
-    path = Path(path)
-    return path.with_name(path.name[: -len(".onnx")] + ".step.onnx" if path.name.endswith(".onnx")
-                          else path.name + ".step.onnx")
-
 
 @dataclass
 class _Ctx:
@@ -305,40 +299,6 @@ def _stack_layers(c: _Ctx, name: str, parts: list[str]) -> None:
     g.op("Reshape", [cat, g.ints([c.config.n_layer, -1] + _state_tail(c.config, name))], outputs=["new_" + name])
 
 
-Dims = list  # ints for fixed sizes, names ("batch", "tokens") for dynamic ones
-
-
-def io_shapes(config: ModelConfig, step: bool) -> tuple[dict[str, Dims], dict[str, Dims]]:
-    """Input and output shapes of the sequence or step graph of a model: what its config implies."""
-    L, C, H, N, V = config.n_layer, config.n_embd, config.n_head, config.head_size, config.vocab_size
-    tok_name, lead = ("token", ["batch"]) if step else ("tokens", ["batch", "tokens"])
-    states = {"state_att_shift": [L, "batch", C], "state_ffn_shift": [L, "batch", C],
-              "state_wkv": [L, "batch", H, N, N]}
-    return ({tok_name: lead, **states},
-            {"logits": lead + [V], **{"new_" + n: d for n, d in states.items()}})
-
-
-def check_io(config: ModelConfig, kind: str, inputs: Mapping[str, Dims], outputs: Mapping[str, Dims],
-             path: str | Path | None = None) -> None:
-    """Refuse a graph whose inputs and outputs are not those its `rwkvq.config` metadata implies.
-
-    Metadata can be copied onto any ONNX model; without this check such a
-    model fails deep inside quantization or onnxruntime. Dynamic dimensions
-    (names or None) match anything; fixed ones must agree.
-    """
-    want_in, want_out = io_shapes(config, kind == "step")
-    for role, want, have in (("input", want_in, inputs), ("output", want_out, outputs)):
-        for name, dims in want.items():
-            if name not in have:
-                raise ConfigError(f"not an rwkvq-onnx {kind} graph: no {role} '{name}' (its 'rwkvq.config' "
-                                  f"metadata does not describe this model)", path)
-            got = list(have[name])
-            if len(got) != len(dims) or any(isinstance(w, int) and isinstance(h, int) and w != h
-                                            for w, h in zip(dims, got)):
-                raise ConfigError(f"{role} '{name}' has shape {got}, but the model's 'rwkvq.config' implies "
-                                  f"{dims}", path)
-
-
 def _value_dims(value: onnx.ValueInfoProto) -> Dims:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
             for d in value.type.tensor_type.shape.dim]
@@ -447,15 +407,27 @@ def save_pair(graphs: Sequence[tuple[onnx.ModelProto, str | Path]]) -> list[Path
     one remaining window); a failure or SIGINT before that leaves the old files
     and no temporary folder. Both graphs get the identity of the first graph's
     weights, which `RwkvSession` compares.
+
+    A pair of at least `shared_data.SHARED_THRESHOLD` bytes of weights stores
+    them once, in `TARGET.data` (see `shared_data`), so a process running both
+    graphs can hold one copy; smaller pairs keep self-contained graph files.
     """
     paths = [Path(p) for _, p in graphs]
     if len({p.parent.resolve() for p in paths}) != 1:
         raise ConfigError("the graphs of a pair must be written to one folder", paths[-1])
     pair_id = pair_identity(graphs[0][0])
+    models = [m for m, _ in graphs]
+    share = len(models) > 1 and shared_data.weight_bytes(models) >= shared_data.SHARED_THRESHOLD
     with atomic_dir(paths[0]) as tmp:
-        for (model, _), path in zip(graphs, paths):
+        for model in models:
             _set_pair_id(model, pair_id)
-            _write_model(model, tmp / path.name)
+        if share:  # the weights once, in NAME.onnx.data, referred to by both graphs
+            with shared_data.shared_data(models, tmp, shared_data.data_path(paths[0]).name, pair_id):
+                for model, path in zip(models, paths):
+                    onnx.save_model(model, tmp / path.name)
+        else:
+            for model, path in zip(models, paths):
+                _write_model(model, tmp / path.name)
     return paths
 
 

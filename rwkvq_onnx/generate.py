@@ -72,16 +72,16 @@ def generate(session: RwkvSession, tokenizer: Tokenizer, prompt: str, max_tokens
     if not prompt_ids:
         raise ConfigError("the prompt is empty and the tokenizer has no BOS token")
     t0 = time.perf_counter()
-    logits, state = session.forward(np.asarray([prompt_ids]))
-    last = logits[0, -1]
+    logits, state = session.prefill(np.asarray([prompt_ids]))
+    last = logits[0]
     t1 = time.perf_counter()
     out: list[int] = []
+    decoder = session.decoder(state)  # the state stays in onnxruntime buffers between tokens
     for _ in range(max_tokens):
         if not np.isfinite(last).all():
             raise RwkvqError("the model produced non-finite logits (NaN or infinity); it is corrupt", session.path)
         tok = sample_token(last, rng, temperature, top_p, greedy)
         out.append(tok)
-        logits, state = session.step(np.asarray([tok]), state)
-        last = logits[0]
+        last = decoder.step(np.asarray([tok]))[0]
     t2 = time.perf_counter()
     return Generation(tokenizer.decode(out), len(prompt_ids), len(out), t1 - t0, t2 - t1)

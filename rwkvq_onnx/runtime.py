@@ -2,7 +2,14 @@
 
 `RwkvSession` opens a sequence graph (and its `.step.onnx` sibling when
 present, used for one-token decoding) or a step graph alone, and offers
-`forward` (a block of tokens) and `step` (one token) with explicit state.
+`forward` (a block of tokens) and `step` (one token) with explicit state, and
+`decoder()`, a token-by-token loop that keeps the state in onnxruntime
+buffers between steps (I/O binding; see `decode.Decoder`).
+
+One copy of the weights: a pair written with a shared data file (see
+`shared_data`) is opened with each of its tensors mapped once from that file
+and handed to both onnxruntime sessions (`SessionOptions.add_initializer`:
+onnxruntime uses the caller's buffer and does not load its own copy).
 
 Loading checks what a model claims against what it is: the graph's inputs and
 outputs must be those its `rwkvq.config` implies, and a sequence graph and its
@@ -19,18 +26,21 @@ import numpy as np
 
 from .checkpoint import ModelConfig
 from .errors import ConfigError, RwkvqError
-from .export import check_io, step_path
+from .graph_io import check_io, step_path
 from .names import CONFIG_KEY, GRAPH_KEY, PAIR_ID_KEY
 from .paths import require_file
 
 StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+KERNELS = ("exact", "fast")
+PREFILL_CHUNK = 128  # tokens per sequence-graph run in RwkvSession.prefill
+ISAS = ("auto", "scalar", "avx2", "avxvnni", "avx512vnni")
 
 
 def session_options(threads: int | None = None, kernels: str = "exact", isa: str = "auto"):
     """Session options shared by every session the library opens (the rwkvq custom ops registered).
 
     kernels: "exact" (float activations: the reference numerics) or "fast" (int8 activations per block of 32 in
-    the native VQMatMul decode GEMV); isa: "auto" (the RWKVQ_ISA environment variable when it names an instruction
+    the native SQMatMul kernels and the VQMatMul decode GEMV); isa: "auto" (the RWKVQ_ISA environment variable when it names an instruction
     set this CPU has, else the best it has) or "scalar", "avx2", "avxvnni",
     "avx512vnni". The native library reads both when it is registered, so they are set first; an unknown value or
     an instruction set this CPU lacks fails the registration with one line naming the setting.
@@ -39,6 +49,10 @@ def session_options(threads: int | None = None, kernels: str = "exact", isa: str
 
     from .ortops import register
 
+    if kernels not in KERNELS:
+        raise ConfigError(f"unknown kernels '{kernels}' (choose from {', '.join(KERNELS)})")
+    if isa not in ISAS:
+        raise ConfigError(f"unknown instruction set '{isa}' (choose from {', '.join(ISAS)})")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -73,13 +87,24 @@ def open_session_from_model(model, threads: int | None = None):
         return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def open_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session, with a one-line error for a missing or invalid model."""
+def open_session(path: str | Path, threads: int | None = None, kernels: str = "exact",
+                 initializers: dict | None = None, prepack: bool = True):
+    """An onnxruntime CPU session, with a one-line error for a missing or invalid model.
+
+    `initializers` (name -> OrtValue) replace the model's own (the caller's
+    buffers are used as they are); `prepack=False` stops operators from
+    making their own re-laid-out copies of constant weights.
+    """
     import onnxruntime as ort
 
     path = require_file(path, "ONNX model")
+    opts = session_options(threads, kernels)
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    for name, value in (initializers or {}).items():
+        opts.add_initializer(name, value)
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RwkvqError(f"cannot load ONNX model: {first}", path) from None
@@ -113,9 +138,13 @@ def run_session(session, path: Path, feeds: dict[str, np.ndarray]) -> list[np.nd
     try:
         return session.run(None, feeds)
     except _run_errors() as exc:
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        raise RwkvqError(f"onnxruntime failed running the model: {lines[0] if lines else type(exc).__name__}",
-                         path) from None
+        raise one_line_error(exc, path) from None
+
+
+def one_line_error(exc: BaseException, path: Path) -> RwkvqError:
+    """An onnxruntime run error as one line naming the model."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return RwkvqError(f"onnxruntime failed running the model: {lines[0] if lines else type(exc).__name__}", path)
 
 
 def zero_state(config: ModelConfig, batch: int = 1) -> StateArrays:
@@ -132,18 +161,35 @@ def state_feeds(state: StateArrays) -> dict[str, np.ndarray]:
 
 
 class RwkvSession:
-    """An exported RWKV model ready to run; state is passed in and returned, never hidden."""
+    """An exported RWKV model ready to run; state is passed in and returned, never hidden.
 
-    def __init__(self, path: str | Path, threads: int | None = None, use_step_graph: bool = True) -> None:
+    `kernels` is the native ops' numerics for both sessions: "fast" (int8
+    activations, the default for running a model) or "exact" (float, for
+    comparisons with the reference).
+    """
+
+    # Operators whose weights are pre-packed when a pair's graphs contain them. onnxruntime pre-packs per session
+    # (each session its own re-laid-out copy: the one thing two sessions cannot share), so a shared pair is
+    # opened without pre-packing unless it holds an operator that needs it: MatMulNBits without its packed
+    # weights dequantizes the whole weight to float on every call (0.1B with an int8 embedding and a 4-bit
+    # head: decode 0.48 instead of 2.5 tokens/s, and a 200 MB transient per prefill). Float MatMul packs its
+    # weight panels on the fly at no measured cost to decode or prefill, so fp graphs keep one copy.
+    NEEDS_PREPACK = frozenset({"MatMulNBits"})
+
+    def __init__(self, path: str | Path, threads: int | None = None, use_step_graph: bool = True,
+                 kernels: str = "fast") -> None:
         self.path = Path(path)
-        first = open_session(self.path, threads)
+        self.kernels = kernels
+        self._threads = threads
+        self._shared = self._map_shared()
+        first = self._open(self.path)
         self.config, kind, pair_id = _metadata(first, self.path)
         self.sequence = first if kind == "sequence" else None
         self.step_session = first if kind == "step" else None
         self.step_path = self.path if kind == "step" else step_path(self.path)
         sibling = self.step_path
         if self.step_session is None and use_step_graph and sibling.is_file():
-            self.step_session = open_session(sibling, threads)
+            self.step_session = self._open(sibling)
             step_config, step_kind, step_id = _metadata(self.step_session, sibling)
             if step_kind != "step" or step_config != self.config:
                 raise RwkvqError(f"step graph does not match {self.path.name}", sibling)
@@ -152,6 +198,40 @@ class RwkvSession:
                 raise RwkvqError(f"{sibling.name} and {self.path.name} were not written together (their pair "
                                  f"identities differ): regenerate the older one, {stale}, with the command that "
                                  f"wrote the other (export --mode both, or quantize)", sibling)
+
+    def _map_shared(self) -> tuple[dict, dict, dict] | None:
+        """(header, arrays, OrtValues) of the pair's shared data file, or None when it has none."""
+        from .shared_data import data_path, map_tensors
+
+        name = self.path.name
+        seq = self.path.with_name(name[: -len(".step.onnx")] + ".onnx") if name.endswith(".step.onnx") else self.path
+        header, arrays = map_tensors(data_path(seq))
+        if not arrays or not header.get("pair_id"):
+            return None
+        import onnxruntime as ort
+
+        return header, arrays, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
+
+    def _open(self, path: Path):
+        """A session over one graph, on the shared weights when the graph is the pair they were written for.
+
+        The data file's pair identity must be the graph's: a graph rewritten
+        alone beside an older pair's data file is opened with its own weights.
+        """
+        if self._shared is None:
+            return open_session(path, self._threads, self.kernels)
+        from .shared_data import release_pages
+
+        header, arrays, values = self._shared
+        prepack = bool(self.NEEDS_PREPACK & set(header.get("op_types", self.NEEDS_PREPACK)))
+        try:
+            session = open_session(path, self._threads, self.kernels, values, prepack)
+        except RwkvqError:  # e.g. a rewritten graph whose tensors of the same names have other shapes
+            session = None
+        if session is None or session.get_modelmeta().custom_metadata_map.get(PAIR_ID_KEY) != header["pair_id"]:
+            session = open_session(path, self._threads, self.kernels)
+        release_pages(arrays)  # pages read only to pre-pack are dropped (the page cache keeps them)
+        return session
 
     def zero_state(self, batch: int = 1) -> StateArrays:
         return zero_state(self.config, batch)
@@ -175,6 +255,21 @@ class RwkvSession:
         logits, *new = run_session(self.sequence, self.path, {"tokens": tokens, **self._feeds(state)})
         return logits, tuple(new)
 
+    def prefill(self, tokens: np.ndarray, state: StateArrays | None = None,
+                chunk: int = PREFILL_CHUNK) -> tuple[np.ndarray, StateArrays]:
+        """tokens int [B, T] -> the logits after the last token [B, V] and the state, running the sequence
+        graph `chunk` tokens at a time: the same result as `forward` (the recurrence carries the state between
+        chunks) without holding [B, T, V] logits and T-long activations at once (generation needs the last
+        logits only; 0.1B, T = 512: the full logits alone are 128 MiB)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ConfigError(f"prefill() needs tokens of shape [B, T>0], got {tokens.shape}")
+        if chunk < 1:
+            raise ConfigError(f"prefill() needs a chunk of at least 1 token, got {chunk}")
+        for start in range(0, tokens.shape[1], chunk):
+            logits, state = self.forward(tokens[:, start:start + chunk], state)
+        return logits[:, -1].copy(), state
+
     def step(self, token: np.ndarray, state: StateArrays | None = None) -> tuple[np.ndarray, StateArrays]:
         """token int [B] -> logits float32 [B, V] and the next state (step graph when there is one)."""
         token = np.asarray(token, dtype=np.int64).reshape(-1)
@@ -184,3 +279,13 @@ class RwkvSession:
             return logits[:, 0], new
         logits, *new = run_session(self.step_session, self.step_path, {"token": token, **self._feeds(state)})
         return logits, tuple(new)
+
+    def decoder(self, state: StateArrays | None = None, batch: int = 1):
+        """A token-by-token decoder starting from `state` (zeros when None) that keeps the state in
+        onnxruntime buffers between steps; its `state` attribute returns it (see `decode.Decoder`)."""
+        from .decode import Decoder
+
+        state = self.zero_state(batch) if state is None else state
+        if self.step_session is None:
+            return Decoder.unbound(self, state)
+        return Decoder(self.step_session, self.step_path, state, self.config.vocab_size)

@@ -196,7 +196,7 @@ def validation_feeds(reference: str | Path, tokens: list[int]) -> list[dict[str,
     """Feeds for the graph kind of `reference`: per-token (step) with its states, or one block (sequence)."""
     from .runtime import RwkvSession
 
-    sess = RwkvSession(reference, use_step_graph=False)
+    sess = RwkvSession(reference, use_step_graph=False, kernels="exact")  # same-weights checks compare exact numerics
     if sess.sequence is not None:
         return [{"tokens": np.asarray([tokens], np.int64), **sess._feeds(sess.zero_state(1))}]
     feeds, state = [], sess.zero_state(1)
