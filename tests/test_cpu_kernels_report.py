@@ -143,20 +143,20 @@ def test_report_html_shows_the_decisions(tmp_path, tiny_ckpt):
 @pytest.mark.slow
 def test_bench_tool_reports_per_round_ratios_on_the_tiny_shape(tmp_path):
     """tools/bench.py end to end on the tiny shape: fresh processes per variant and round, ratios to fp32."""
-    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--variants", "fp32,rwkvquant,rwkvquant-eh4",
-           "--rounds", "2", "--runs", "1", "--decode-tokens", "4", "--prefill", "8", "--rwkvquant-bpw", "3.281", "--workdir", str(tmp_path / "m"),
+    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--shape", "tiny", "--variants", "fp32,rwkvquant-faithful,rwkvquant-faithful-eh4",
+           "--rounds", "2", "--runs", "1", "--decode-tokens", "4", "--prefill", "8", "--rwkvquant-bpw", "3.34", "--workdir", str(tmp_path / "m"),
            "--json", str(tmp_path / "b.json")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads((tmp_path / "b.json").read_text())
     res = out["results"]
-    assert out["rounds"] == 2 and set(res) == {"fp32", "rwkvquant", "rwkvquant-eh4"}
+    assert out["rounds"] == 2 and set(res) == {"fp32", "rwkvquant-faithful", "rwkvquant-faithful-eh4"}
     assert res["fp32"]["decode_vs_fp32_per_round"] == [1.0, 1.0] and res["fp32"]["prefill_vs_fp32"] == {"8": 1.0}
     for r in res.values():
         assert len(r["decode_vs_fp32_per_round"]) == 2 and r["decode_tokens_per_s"] > 0 and r["peak_rss_mib"] > 0
     # fewer bytes: the quantized linear weights, then also the int8 embedding and 4-bit head
-    assert res["rwkvquant-eh4"]["weights_mib"] < res["rwkvquant"]["weights_mib"] < res["fp32"]["weights_mib"]
-    assert res["rwkvquant-eh4"]["disk_vs_fp32"] < res["rwkvquant"]["disk_vs_fp32"] < 1
+    assert res["rwkvquant-faithful-eh4"]["weights_mib"] < res["rwkvquant-faithful"]["weights_mib"] < res["fp32"]["weights_mib"]
+    assert res["rwkvquant-faithful-eh4"]["disk_vs_fp32"] < res["rwkvquant-faithful"]["disk_vs_fp32"] < 1
 
 
 def test_running_a_model_does_not_import_torch():

@@ -2,10 +2,11 @@
 """Decode / prefill speed and peak memory of exported models, as ratios to fp32 measured in one run.
 
 Creates a seeded synthetic RWKV-7 of a named shape (no download), exports the
-variants (fp32, fp16, and quantized ones: rwkvquant at 3.275 bpw with the
-rwkvq ops, gptq4 as 4-bit MatMulNBits, rwkvquant-faithful with its scalar
-groups as packed rwkvq.SQMatMul when this checkout has that format, and each
-of those with an int8 embedding and a 4-bit head: -eh4), then measures each in
+variants (fp32, fp16, and quantized ones: rwkvquant-faithful, the paper's
+hybrid at 3.275 bpw with its 3-bit scalar groups as packed rwkvq.SQMatMul and
+its VQ weights as rwkvq.VQMatMul; rwkvquant-allvq, GPTVQ everywhere at 3.275
+as an ablation; gptq4 as onnxruntime's 4-bit MatMulNBits; and each of those
+with an int8 embedding and a 4-bit head: -eh4), then measures each in
 its own process so peak RSS is that variant's alone. A variant named
 `NAME-exact` is NAME's model run with the native ops' exact kernels (the
 others run the fast ones, RwkvSession's default). --rounds repeats the sweep
@@ -130,36 +131,31 @@ def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 
 
 QUANTIZED = {  # variant -> quantize options (calibrated on the package's built-in sample text)
-    # element-wise vectors folded to decoded constants: same numbers, no per-call custom-op overhead
-    "rwkvquant": dict(method="rwkvquant", bpw=3.275, sq_format="matmulnbits", fold_elementwise=True),
+    # the faithful RWKVQuant mix at the paper's 3.275 (3-bit GPTQ groups of 128 as packed rwkvq.SQMatMul, about a
+    # tenth of the parameters in 3.5-bpw GPTVQ); element-wise vectors folded to decoded constants (same numbers,
+    # no per-call op)
+    "rwkvquant-faithful": dict(method="rwkvquant", bpw=3.275, bpw_accounting="paper", sq_format="sqmatmul",
+                               fold_elementwise=True),
+    # the ablation: GPTVQ everywhere at 3.275 with element-wise codebooks (what rwkvquant was before issue 12)
+    "rwkvquant-allvq": dict(method="gptvq", bpw=3.275, elementwise="on", fold_elementwise=True),
+    # onnxruntime's own 4-bit format, the peer of ggml Q4_0
     "gptq4": dict(method="gptq", wbits=4, group_size=64, sq_format="matmulnbits"),
-    # the faithful RWKVQuant mix: scalar groups as packed rwkvq.SQMatMul (stored bytes = reported bpw)
-    "rwkvquant-faithful": dict(method="rwkvquant", bpw=3.275, sq_format="sqmatmul", fold_elementwise=True),
 }
-NEEDS_FORMAT = {"rwkvquant-faithful": "sqmatmul"}  # variants this checkout may not be able to make
 # variant -> (variant it is made from, quantize-embedding-head options): the same linear weights, plus an int8
 # embedding and a 4-bit head (what `quantize --embedding-bits 8 --head-bits 4` adds), without quantizing again
 DERIVED = {
-    "rwkvquant-eh4": ("rwkvquant", dict(embedding_bits=8, head_bits=4)),
-    "gptq4-eh4": ("gptq4", dict(embedding_bits=8, head_bits=4)),
     "rwkvquant-faithful-eh4": ("rwkvquant-faithful", dict(embedding_bits=8, head_bits=4)),
+    "rwkvquant-allvq-eh4": ("rwkvquant-allvq", dict(embedding_bits=8, head_bits=4)),
+    "gptq4-eh4": ("gptq4", dict(embedding_bits=8, head_bits=4)),
 }
-DEFAULT_VARIANTS = ("fp32", "fp16", "rwkvquant", "rwkvquant-eh4", "rwkvquant-eh4-exact", "gptq4", "gptq4-eh4",
-                    "rwkvquant-faithful", "rwkvquant-faithful-eh4", "rwkvquant-faithful-eh4-exact")
+DEFAULT_VARIANTS = ("fp32", "fp16", "rwkvquant-faithful", "rwkvquant-faithful-exact", "rwkvquant-faithful-eh4",
+                    "rwkvquant-faithful-eh4-exact", "rwkvquant-allvq-eh4", "gptq4-eh4")
 EXACT = "-exact"  # suffix: the same model measured with kernels="exact"
 
 
 def model_variant(variant: str) -> str:
     """The variant whose model file a (possibly -exact) variant runs."""
     return variant[: -len(EXACT)] if variant.endswith(EXACT) else variant
-
-
-def available(variant: str) -> bool:
-    base = model_variant(variant)
-    source = DERIVED[base][0] if base in DERIVED else base
-    from rwkvq_onnx.kernel_agreement import sq_format_available
-
-    return source not in NEEDS_FORMAT or sq_format_available(NEEDS_FORMAT[source])
 
 
 def derive(source: Path, out: Path, options: dict) -> None:
@@ -308,12 +304,12 @@ def main() -> None:
     ap.add_argument("--shape", choices=SHAPES, default="0.1b")
     ap.add_argument("--rwkvquant-bpw", type=float, default=3.275,
                     help="bpw target of the rwkvquant variants (default 3.275; a shape too small to land within "
-                         "0.005 below it needs another, e.g. 3.281 for tiny)")
+                         "0.005 below it needs another, e.g. 3.34 for tiny)")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                    help="comma-separated: fp32, fp16, rwkvquant, gptq4, rwkvquant-faithful (needs the sqmatmul "
-                         "format; left out with a note when this checkout lacks it), the -eh4 variants of the "
-                         "quantized ones (int8 embedding, 4-bit head), and NAME-exact for any of them (the same "
-                         "model with the exact kernels; the others run the fast ones)")
+                    help="comma-separated: fp32, fp16, rwkvquant-faithful, rwkvquant-allvq, gptq4, the -eh4 "
+                         "variants of the quantized ones (int8 embedding, 4-bit head), and NAME-exact for any of "
+                         "them (the same model with the exact kernels; the others run the fast ones) (default: "
+                         + ",".join(DEFAULT_VARIANTS) + ")")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--rss-prefill", type=int, default=512,
                     help="tokens prefilled before decoding --decode-tokens in the workload whose peak RSS is reported")
@@ -341,11 +337,9 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     variants = [v for v in args.variants.split(",") if v]
-    missing = [v for v in variants if not available(v)]
-    if missing:
-        print(f"note: left out {', '.join(missing)}: this checkout's quantizer has no "
-              f"'{NEEDS_FORMAT['rwkvquant-faithful']}' scalar format", file=sys.stderr)
-        variants = [v for v in variants if v not in missing]
+    unknown = [v for v in variants if model_variant(v) not in (*QUANTIZED, *DERIVED, "fp32", "fp16")]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}")
     if "fp32" not in variants:
         variants.insert(0, "fp32")
     paths = export_variants(args.shape, args.workdir, args.seed, variants, args.rwkvquant_bpw)
