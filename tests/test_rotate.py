@@ -88,8 +88,8 @@ def test_quantize_with_rotate_lora_keeps_sequence_and_step_graphs_consistent(fp_
     res = quantize_model(fp_export, out, opts, log=lambda *a: None)
     assert res.report["options"]["rotate_lora"] is True
     tokens = golden_tokens()[:16]
-    seq = RwkvSession(out, use_step_graph=False)
-    step = RwkvSession(out)
+    seq = RwkvSession(out, use_step_graph=False, kernels="exact")
+    step = RwkvSession(out, kernels="exact")
     seq_logits, _ = seq.forward(tokens[None, :])
     state = None
     for t, tok in enumerate(tokens):

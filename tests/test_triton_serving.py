@@ -74,7 +74,7 @@ def test_batch_first_graph_serves_sequences_as_the_sequence_batcher_does(repo, q
     _, q = quantized
     served = ort.InferenceSession(str(folder / "1" / "model.onnx"), session_options(),
                                   providers=["CPUExecutionProvider"])
-    alone = RwkvSession(q)
+    alone = RwkvSession(q, kernels="exact")
     text = np.frombuffer(GOLDEN_TEXT, np.uint8).astype(np.int64)
     sequences = {i: text[7 * i: 7 * i + n] for i, n in enumerate((5, 9, 3, 7, 4, 6))}
     slots = 3
