@@ -33,7 +33,7 @@ def graph_node_counts(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def profile(model: Path, tokens: int, threads: int | None) -> dict:
+def profile(model: Path, tokens: int, threads: int | None, kernels: str = "fast") -> dict:
     import onnxruntime as ort
 
     from rwkvq_onnx.export import step_path
@@ -41,7 +41,7 @@ def profile(model: Path, tokens: int, threads: int | None) -> dict:
 
     path = step_path(model) if step_path(model).is_file() else model
     config = RwkvSession(path).config
-    opts = session_options(threads)
+    opts = session_options(threads, kernels=kernels)
     opts.enable_profiling = True
     opts.profile_file_prefix = f"/tmp/rwkvq-profile-{path.stem}"
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -77,9 +77,11 @@ def main() -> None:
     ap.add_argument("models", type=Path, nargs="+")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kernels", choices=("fast", "exact"), default="fast",
+                    help="the native ops' numerics, as RwkvSession's kernels= (default fast, what generate runs)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    results = [profile(m, args.tokens, args.threads) for m in args.models]
+    results = [profile(m, args.tokens, args.threads, args.kernels) for m in args.models]
     for r in results:
         print(f"{r['model']}: {r['ms_per_token']:.2f} ms/token; session overhead {100 * r['overhead_share']:.1f}%; "
               f"{r['graph_nodes_per_token']} graph nodes per token, {r['kernels_run_per_token']:.0f} kernels run "
