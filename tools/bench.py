@@ -299,6 +299,23 @@ def quality_check(workdir: Path, threads: int | None, max_docs: int) -> dict:
     return kernel_agreement(made, ByteTokenizer(), docs, threads).as_dict()
 
 
+def markdown_table(results: dict[str, dict]) -> str:
+    """The results as the README's table: speeds, ratios (decode with its per-round ratios), memory, bytes."""
+    lengths = list(results["fp32"]["prefill_tokens_per_s"])
+    head = (["variant", "decode tok/s", "x fp32 (per round)"] + [c for T in lengths for c in (f"prefill {T}", "x fp32")]
+            + ["peak RSS MiB", "x fp32", "disk MiB", "weights MiB", "x fp16", "MiB/token", "limit tok/s", "of limit"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for v, r in results.items():
+        rounds = ", ".join(f"{x:.2f}" for x in r["decode_vs_fp32_per_round"])
+        cells = [v, f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_vs_fp32']:.2f} ({rounds})"]
+        cells += [c for T in lengths for c in (f"{r['prefill_tokens_per_s'][T]:.0f}", f"{r['prefill_vs_fp32'][T]:.2f}")]
+        cells += [f"{r['peak_rss_mib']:.0f}", f"{r['rss_vs_fp32']:.2f}", f"{r['disk_mib']:.0f}", f"{r['weights_mib']:.0f}",
+                  f"{r['weights_vs_fp16']:.2f}", f"{r['bytes_per_token'] / 2**20:.0f}",
+                  f"{r['bandwidth_limit_tokens_per_s']:.0f}", f"{r['share_of_limit']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=SHAPES, default="0.1b")
@@ -324,6 +341,8 @@ def main() -> None:
     ap.add_argument("--quality-docs", type=int, default=24, help="linuxdoc chunks the quality check scores")
     ap.add_argument("--workdir", type=Path, default=Path("bench-models"))
     ap.add_argument("--json", type=Path, help="write the results as JSON")
+    ap.add_argument("--markdown", action="store_true",
+                    help="also print the table as markdown, with each round's decode ratio (what the README shows)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--kernels", default="fast", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -379,6 +398,8 @@ def main() -> None:
               f"{r['peak_rss_mib']:13.0f} {r['rss_vs_fp32']:7.2f} {r['disk_mib']:9.1f} {r['disk_vs_fp32']:7.2f} "
               f"{r['weights_mib']:12.1f} {r['weights_vs_fp16']:7.2f} {r['bytes_per_token'] / 2**20:10.1f} "
               f"{r['bandwidth_limit_tokens_per_s']:12.1f} {r['share_of_limit']:9.2f}")
+    if args.markdown:
+        print(markdown_table(results))
     if quality is not None:
         if "skipped" in quality:
             print(f"fast vs exact kernels: skipped ({quality['skipped']})")
