@@ -59,10 +59,15 @@ def linuxdoc_documents(path: str | Path, max_docs: int = MAX_DOCS) -> list[str]:
 
 def kernel_agreement(model: str | Path, tokenizer: Tokenizer, docs: list[str],
                      threads: int | None = None) -> KernelAgreement:
-    """Score `model` with kernels="fast" against itself with kernels="exact" on `docs`."""
+    """Score `model` with kernels="fast" against itself with kernels="exact" on `docs`, token by token through
+    the step graph (what decoding runs: the fast VQ GEMV only runs there; the sequence graph's prefill GEMMs are
+    fast for SQMatMul only)."""
+    from .graph_io import step_path
+
     documents = score_documents(tokenizer, docs)
-    exact = reference_run(RwkvSession(model, threads=threads, use_step_graph=False, kernels="exact"), documents)
-    scores = paired_scores(exact, RwkvSession(model, threads=threads, use_step_graph=False, kernels="fast"))
+    step = step_path(model) if step_path(model).is_file() else Path(model)
+    exact = reference_run(RwkvSession(step, threads=threads, kernels="exact"), documents)
+    scores = paired_scores(exact, RwkvSession(step, threads=threads, kernels="fast"))
     return KernelAgreement(int(scores.bytes.size), int(scores.tokens.sum()), scores.fp_bits_per_byte,
                            scores.q_bits_per_byte, scores.mean_kl, scores.top1)
 
@@ -84,12 +89,14 @@ def sq_format_available(name: str) -> bool:
 
 def faithful_options(calib: str | Path, nsamples: int = 16):
     """Quantize options of the faithful RWKVQuant mix at 3.275 bpw: scalar groups packed as rwkvq.SQMatMul when
-    available (else MatMulNBits), element-wise vectors folded, as tools/bench.py's rwkvquant-faithful."""
+    available (else MatMulNBits), the paper's bit accounting, element-wise vectors folded, as tools/bench.py's
+    rwkvquant-faithful."""
     from .quantize import QuantizeOptions
 
     fmt = "sqmatmul" if sq_format_available("sqmatmul") else "matmulnbits"
-    return QuantizeOptions(method="rwkvquant", bpw=3.275, sq_format=fmt, fold_elementwise=True, calib=str(calib),
-                           nsamples=nsamples, seqlen=256, seed=0, progress=False)
+    return QuantizeOptions(method="rwkvquant", bpw=3.275, bpw_accounting="paper", sq_format=fmt,
+                           fold_elementwise=True, calib=str(calib), nsamples=nsamples, seqlen=256, seed=0,
+                           progress=False)
 
 
 def faithful_reference(shared: str | Path, workdir: str | Path, log=print) -> Path | str:
@@ -105,7 +112,7 @@ def faithful_reference(shared: str | Path, workdir: str | Path, log=print) -> Pa
     if absent:
         return f"absent: {', '.join(absent)}"
     opts = faithful_options(needed[1])
-    out = workdir / f"ref-faithful-{opts.sq_format}.onnx"
+    out = workdir / f"ref-faithful-{opts.sq_format}-{opts.bpw_accounting}.onnx"
     if not out.is_file():
         fp = workdir / "ref-fp32.onnx"
         if not fp.is_file():
