@@ -178,6 +178,18 @@ def is_float16(tensor: gs.Tensor) -> bool:
     return tensor.dtype == np.float16 or tensor.dtype == onnx.TensorProto.FLOAT16
 
 
+def float32_op_nodes(op_type: str, domain: str, name: str, attrs: dict, x: gs.Tensor, constants: list[gs.Tensor],
+                     outputs: list[gs.Tensor], weight: str, fp16: bool) -> list[gs.Node]:
+    """A custom op that computes in float32 (the rwkvq matmuls) standing in for a MatMul: in a float16 graph,
+    with a Cast to float32 before it and one back to float16 after it (tensors named after `weight`)."""
+    if not fp16:
+        return [gs.Node(op_type, name, attrs, [x, *constants], outputs, domain=domain)]
+    x32, y32 = gs.Variable(weight + "_x32", dtype=np.float32), gs.Variable(weight + "_y32", dtype=np.float32)
+    return [gs.Node("Cast", weight + "_cast_in", {"to": onnx.TensorProto.FLOAT}, [x], [x32]),
+            gs.Node(op_type, name, attrs, [x32, *constants], [y32], domain=domain),
+            gs.Node("Cast", weight + "_cast_out", {"to": onnx.TensorProto.FLOAT16}, [y32], outputs)]
+
+
 def _subgraphs(graph: onnx.GraphProto):
     for node in graph.node:
         for attr in node.attribute:

@@ -18,7 +18,6 @@ RWKV nothing upstream can absorb them.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from rwkvq_onnx.errors import ConfigError
@@ -28,7 +27,7 @@ from rwkvq_onnx.opspec.bitpack import pack_bits
 from rwkvq_onnx.quant import ScalarQuantized
 from rwkvq_onnx.quant.formats import Payloads
 
-from .base import Pass, PassResult, int4_constant, is_float16, replace_nodes, weight_matmuls
+from .base import Pass, PassResult, float32_op_nodes, int4_constant, is_float16, replace_nodes, weight_matmuls
 
 FORMATS = ("qdq", "matmulnbits", "sqmatmul")
 
@@ -76,16 +75,8 @@ def sqmatmul_nodes(q: ScalarQuantized, w: str, node: gs.Node, x: gs.Tensor, y: g
     replaces; Casts around it when the graph computes in float16 (the op takes and gives float32)."""
     arrays, attrs = sq_matmul.pack(q)
     inputs = [gs.Constant(f"{w}_{key}", arrays[key]) for key in sq_matmul.INPUTS[1:]]
-    nodes = []
-    fp16 = is_float16(node.inputs[1])
-    if fp16:
-        x32, y32 = gs.Variable(w + "_x32", dtype=np.float32), gs.Variable(w + "_y32", dtype=np.float32)
-        nodes.append(gs.Node("Cast", w + "_cast_in", {"to": onnx.TensorProto.FLOAT}, [x], [x32]))
-        x, y = x32, y32
-    nodes.append(gs.Node(sq_matmul.OP_TYPE, node.name, attrs.as_dict(), [x, *inputs], [y], domain=DOMAIN))
-    if fp16:
-        nodes.append(gs.Node("Cast", w + "_cast_out", {"to": onnx.TensorProto.FLOAT16}, [y], list(node.outputs)))
-    return nodes
+    return float32_op_nodes(sq_matmul.OP_TYPE, DOMAIN, node.name, attrs.as_dict(), x, inputs, [y], w,
+                            is_float16(node.inputs[1]))
 
 
 class RewriteScalar(Pass):

@@ -8,8 +8,6 @@ float16 graphs the op runs in float32 between two Casts.
 """
 from __future__ import annotations
 
-import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
@@ -17,7 +15,7 @@ from rwkvq_onnx.opspec import vq_matmul
 from rwkvq_onnx.quant import VectorQuantized
 from rwkvq_onnx.quant.formats import Payloads
 
-from .base import Pass, PassResult, is_float16, replace_nodes, weight_matmuls
+from .base import Pass, PassResult, float32_op_nodes, is_float16, replace_nodes, weight_matmuls
 
 
 class RewriteVector(Pass):
@@ -33,17 +31,8 @@ class RewriteVector(Pass):
         for node, w in weight_matmuls(graph, targets):
             arrays, attrs = vq_matmul.pack(targets[w])
             inputs = [gs.Constant(f"{w}_{key}", arrays[key]) for key in vq_matmul.INPUTS[1:]]
-            x, (y,) = node.inputs[0], node.outputs
-            nodes = []
-            fp16 = is_float16(node.inputs[1])
-            if fp16:
-                x32, y32 = gs.Variable(w + "_x32", dtype=np.float32), gs.Variable(w + "_y32", dtype=np.float32)
-                nodes.append(gs.Node("Cast", w + "_cast_in", {"to": onnx.TensorProto.FLOAT}, [x], [x32]))
-                x, y = x32, y32
-            nodes.append(gs.Node(vq_matmul.OP_TYPE, node.name, attrs.as_dict(), [x, *inputs], [y], domain=DOMAIN))
-            if fp16:
-                nodes.append(gs.Node("Cast", w + "_cast_out", {"to": onnx.TensorProto.FLOAT16}, [y],
-                                     list(node.outputs)))
+            nodes = float32_op_nodes(vq_matmul.OP_TYPE, DOMAIN, node.name, attrs.as_dict(), node.inputs[0], inputs,
+                                     list(node.outputs), w, is_float16(node.inputs[1]))
             replacements.append((node, nodes))
             result.count("vq_matmul")
         replace_nodes(graph, replacements)
