@@ -179,7 +179,9 @@ def test_lowered_graph_runs_without_custom_ops_and_matches(fixture_export, tmp_p
     got = plain.run(["logits"], {"tokens": toks, "state_att_shift": state[0], "state_ffn_shift": state[1],
                                  "state_wkv": state[2]})[0]
     ref, _ = RwkvSession(custom, kernels="exact").forward(toks)  # the reference numerics, as the lowering
-    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    # same weights, different float32 summation orders (the native kernels vs MLAS): 1e-5 absolute, plus 2e-6
+    # relative for the RWKV-6 fixture's logits, which reach 18 (8.6e-7 relative seen)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=2e-6)
 
 
 class _VQMatMulRef(OpRun):
