@@ -77,24 +77,12 @@ CALIB = ("data", "linuxdoc-calib.txt")
 VALIDATION = ("data", "linuxdoc-val.txt")
 
 
-def sq_format_available(name: str) -> bool:
-    """Whether this checkout's quantizer can write scalar groups in format `name` (the packed `sqmatmul`
-    format arrives with the rwkvq.SQMatMul op)."""
-    try:
-        from .passes.rewrite_scalar import FORMATS
-    except ImportError:
-        return False
-    return name in FORMATS
-
-
 def faithful_options(calib: str | Path, nsamples: int = 16):
-    """Quantize options of the faithful RWKVQuant mix at 3.275 bpw: scalar groups packed as rwkvq.SQMatMul when
-    available (else MatMulNBits), the paper's bit accounting, element-wise vectors folded, as tools/bench.py's
-    rwkvquant-faithful."""
+    """Quantize options of the faithful RWKVQuant mix at 3.275 bpw: scalar groups packed as rwkvq.SQMatMul, the
+    paper's bit accounting, element-wise vectors folded, as tools/bench.py's rwkvquant-faithful."""
     from .quantize import QuantizeOptions
 
-    fmt = "sqmatmul" if sq_format_available("sqmatmul") else "matmulnbits"
-    return QuantizeOptions(method="rwkvquant", bpw=3.275, bpw_accounting="paper", sq_format=fmt,
+    return QuantizeOptions(method="rwkvquant", bpw=3.275, bpw_accounting="paper", sq_format="sqmatmul",
                            fold_elementwise=True, calib=str(calib), nsamples=nsamples, seqlen=256, seed=0,
                            progress=False)
 
@@ -119,5 +107,5 @@ def faithful_reference(shared: str | Path, workdir: str | Path, log=print) -> Pa
             config, sd = load_checkpoint(needed[0])
             export(config, sd, fp, mode="both")
         log(f"quantizing {out} ...")
-        quantize_model(fp, out, opts, workdir / f"ref-faithful-{opts.sq_format}.json", log=lambda *a: None)
+        quantize_model(fp, out, opts, out.with_suffix(".json"), log=lambda *a: None)
     return out
