@@ -278,10 +278,32 @@ static OrtStatus* constant_input(const OrtFn* api, const NodeLabel* node, const 
     return read_tensor(api, node, value, what, type, t);
 }
 
-static OrtStatus* output(const OrtFn* api, void* ctx, const int64_t* dims, size_t rank, float** out) {
+static OrtStatus* output(const OrtFn* api, void* ctx, size_t index, const int64_t* dims, size_t rank, float** out) {
     void* value = NULL;
-    TRY(API(api, ORT_KernelContext_GetOutput, KernelContextGetOutputFn)(ctx, 0, dims, rank, &value));
+    TRY(API(api, ORT_KernelContext_GetOutput, KernelContextGetOutputFn)(ctx, index, dims, rank, &value));
     return API(api, ORT_GetTensorMutableData, GetTensorMutableDataFn)(value, (void**)out);
+}
+
+/* The output y [..., N] of a matmul op over x [..., K]: x's rows checked (rwkvq_vq_check_rows; their count goes to
+ * *rows) before y is allocated with x's leading dimensions. */
+static OrtStatus* matmul_output(const OrtFn* api, const NodeLabel* node, void* ctx, const Tensor* x, int64_t K,
+                                int64_t N, int64_t* rows, float** y) {
+    char problem[320];
+    if (rwkvq_vq_check_rows(K, (int)x->rank, x->dims, rows, problem, sizeof problem))
+        return refuse(api, ORT_INVALID_ARGUMENT, node, problem);
+    int64_t dims[MAX_RANK];
+    memcpy(dims, x->dims, sizeof(int64_t) * x->rank);
+    dims[x->rank - 1] = N;
+    return output(api, ctx, 0, dims, x->rank, y);
+}
+
+/* A checked kernel struct `k` (size bytes) moved to the heap as the kernel onnxruntime keeps. */
+static OrtStatus* keep_kernel(const OrtFn* api, const NodeLabel* node, const void* k, size_t size, void** kernel) {
+    void* made = malloc(size);
+    if (!made) return refuse(api, ORT_FAIL, node, "out of memory");
+    memcpy(made, k, size);
+    *kernel = made;
+    return NULL;
 }
 
 /* An int attribute, refused with the node's name when it is missing or not an int. */
@@ -359,11 +381,7 @@ static OrtStatus* vq_matmul_create(const OrtCustomOpABI* op, const OrtFn* api, c
     for (int i = 1; i < 4; ++i)
         TRY(constant_input(api, &k.node, info, (size_t)i, vq_matmul_inputs[i], vq_matmul_types[i], &t[i], &found[i]));
     if (found[1] && found[2] && found[3]) TRY(vq_matmul_check_payload(&k, &t[1], &t[2], &t[3]));
-    VQMatMulKernel* made = (VQMatMulKernel*)malloc(sizeof *made);
-    if (!made) return refuse(api, ORT_FAIL, &k.node, "out of memory");
-    *made = k;
-    *kernel = made;
-    return NULL;
+    return keep_kernel(api, &k.node, &k, sizeof k, kernel);
 }
 
 static OrtStatus* vq_matmul_compute(void* kernel, void* ctx) {
@@ -374,16 +392,10 @@ static OrtStatus* vq_matmul_compute(void* kernel, void* ctx) {
         TRY(input(api, &k->node, ctx, (size_t)i, vq_matmul_inputs[i], vq_matmul_types[i], &t[i]));
     const Tensor *x = &t[0], *codes = &t[1], *books = &t[2], *scales = &t[3];
     TRY(vq_matmul_check_payload(k, codes, books, scales));
-    char problem[320];
     int64_t M = 0;
-    if (rwkvq_vq_check_rows(k->K, (int)x->rank, x->dims, &M, problem, sizeof problem))
-        return refuse(api, ORT_INVALID_ARGUMENT, &k->node, problem);
-    const int row_bytes = (int)codes->dims[1];
-    int64_t dims[MAX_RANK];
-    memcpy(dims, x->dims, sizeof(int64_t) * x->rank);
-    dims[x->rank - 1] = k->N;
     float* y = NULL;
-    TRY(output(api, ctx, dims, x->rank, &y));
+    TRY(matmul_output(api, &k->node, ctx, x, k->K, k->N, &M, &y));
+    const int row_bytes = (int)codes->dims[1];
     if (M == 0) return NULL;
     if (k->parallel_for) {
         /* the pieces run on onnxruntime's intra-op threads, the same ones its own kernels use: one pool */
@@ -467,11 +479,7 @@ static OrtStatus* vq_elementwise_create(const OrtCustomOpABI* op, const OrtFn* a
     if (rwkvq_ew_check_layout(bits, k.n, problem, sizeof problem))
         return refuse(api, ORT_INVALID_ARGUMENT, &k.node, problem);
     k.bits = (int)bits;
-    VQElementwiseKernel* made = (VQElementwiseKernel*)malloc(sizeof *made);
-    if (!made) return refuse(api, ORT_FAIL, &k.node, "out of memory");
-    *made = k;
-    *kernel = made;
-    return NULL;
+    return keep_kernel(api, &k.node, &k, sizeof k, kernel);
 }
 
 static OrtStatus* vq_elementwise_compute(void* kernel, void* ctx) {
@@ -503,7 +511,7 @@ static OrtStatus* vq_elementwise_compute(void* kernel, void* ctx) {
         dims[i] = xi >= 0 ? x.dims[xi] : 1;
     }
     float* y = NULL;
-    TRY(output(api, ctx, dims, (size_t)out_rank, &y));
+    TRY(output(api, ctx, 0, dims, (size_t)out_rank, &y));
     /* decoded on every call (a few microseconds for a model-width vector): nothing shared between concurrent
      * runs of the kernel, and correct even when the codes are not constant */
     float* v = (float*)malloc(sizeof(float) * (size_t)k->n);
@@ -577,11 +585,7 @@ static OrtStatus* sq_matmul_create(const OrtCustomOpABI* op, const OrtFn* api, c
     for (int i = 1; i < 4; ++i)
         TRY(constant_input(api, &k.node, info, (size_t)i, sq_matmul_inputs[i], sq_matmul_types[i], &t[i], &found[i]));
     if (found[1] && found[2] && found[3]) TRY(sq_matmul_check_payload(&k, &t[1], &t[2], &t[3]));
-    SQMatMulKernel* made = (SQMatMulKernel*)malloc(sizeof *made);
-    if (!made) return refuse(api, ORT_FAIL, &k.node, "out of memory");
-    *made = k;
-    *kernel = made;
-    return NULL;
+    return keep_kernel(api, &k.node, &k, sizeof k, kernel);
 }
 static OrtStatus* sq_matmul_compute(void* kernel, void* ctx) {
     const SQMatMulKernel* k = (const SQMatMulKernel*)kernel;
@@ -591,15 +595,9 @@ static OrtStatus* sq_matmul_compute(void* kernel, void* ctx) {
         TRY(input(api, &k->node, ctx, (size_t)i, sq_matmul_inputs[i], sq_matmul_types[i], &t[i]));
     const Tensor *x = &t[0], *codes = &t[1], *scales = &t[2], *zeros = &t[3];
     TRY(sq_matmul_check_payload(k, codes, scales, zeros));
-    char problem[320];
     int64_t M = 0;
-    if (rwkvq_vq_check_rows(k->K, (int)x->rank, x->dims, &M, problem, sizeof problem))
-        return refuse(api, ORT_INVALID_ARGUMENT, &k->node, problem);
-    int64_t dims[MAX_RANK];
-    memcpy(dims, x->dims, sizeof(int64_t) * x->rank);
-    dims[x->rank - 1] = k->N;
     float* y = NULL;
-    TRY(output(api, ctx, dims, x->rank, &y));
+    TRY(matmul_output(api, &k->node, ctx, x, k->K, k->N, &M, &y));
     if (M == 0) return NULL;
     if (!k->parallel_for) { /* onnxruntime before API 17: the OpenMP entry point */
         const int rc = rwkvq_sq_matmul((const float*)x->data, (int)M, (const uint8_t*)codes->data,
@@ -662,19 +660,8 @@ static OrtStatus* wkv7_step_create(const OrtCustomOpABI* op, const OrtFn* api, c
     if (k.head_size < 1 || k.head_size > RWKVQ_WKV7_MAX_HEAD)
         return refusef(api, &k.node, "attribute head_size=%lld is outside [1, %lld]", (long long)k.head_size,
                        RWKVQ_WKV7_MAX_HEAD);
-    WKV7StepKernel* made = (WKV7StepKernel*)malloc(sizeof *made);
-    if (!made) return refuse(api, ORT_FAIL, &k.node, "out of memory");
-    *made = k;
-    *kernel = made;
-    return NULL;
+    return keep_kernel(api, &k.node, &k, sizeof k, kernel);
 }
-static OrtStatus* wkv7_output(const OrtFn* api, void* ctx, size_t index, const int64_t* dims, size_t rank,
-                              float** out) {
-    void* value = NULL;
-    TRY(API(api, ORT_KernelContext_GetOutput, KernelContextGetOutputFn)(ctx, index, dims, rank, &value));
-    return API(api, ORT_GetTensorMutableData, GetTensorMutableDataFn)(value, (void**)out);
-}
-
 static OrtStatus* wkv7_step_compute(void* kernel, void* ctx) {
     const WKV7StepKernel* k = (const WKV7StepKernel*)kernel;
     const OrtFn* api = k->api;
@@ -691,8 +678,8 @@ static OrtStatus* wkv7_step_compute(void* kernel, void* ctx) {
             return refuse(api, ORT_INVALID_ARGUMENT, &k->node, problem);
     const int64_t y_dims[2] = {B, C};
     float *y = NULL, *new_state = NULL;
-    TRY(wkv7_output(api, ctx, 0, y_dims, 2, &y));
-    TRY(wkv7_output(api, ctx, 1, t[0].dims, 4, &new_state));
+    TRY(output(api, ctx, 0, y_dims, 2, &y));
+    TRY(output(api, ctx, 1, t[0].dims, 4, &new_state));
     if (B == 0) return NULL;
     WKV7StepJob job = {(const float*)t[0].data, (const float*)t[1].data, (const float*)t[2].data,
                        (const float*)t[3].data, (const float*)t[4].data, (const float*)t[5].data,
