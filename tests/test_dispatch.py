@@ -15,7 +15,6 @@ Tolerances:
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tomllib
@@ -293,20 +292,12 @@ def _asan_child(library: str) -> None:
 @pytest.mark.slow
 def test_fast_kernels_under_asan(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_native_fuzz import _sanitizer_runtime
+    from test_native_fuzz import build_asan_library, sanitizer_env
 
-    found = _sanitizer_runtime()
-    if found is None:
-        pytest.skip("gcc or its AddressSanitizer runtime (libasan) is not installed: no sanitizer build")
-    cc, runtime = found
     lib = tmp_path / "_cpu_kernels_asan.so"
-    build = subprocess.run(["bash", str(ROOT / "plugins" / "build_asan.sh"), str(lib)], capture_output=True,
-                           text=True, timeout=600, env={**os.environ, "CC": cc})
-    assert build.returncode == 0, build.stderr[-3000:]
-    env = {**os.environ, "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
-           "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1", "OMP_NUM_THREADS": "2"}
+    runtime = build_asan_library(lib)
     proc = subprocess.run([sys.executable, __file__, "--asan-child", str(lib)], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
+                          timeout=600, env=sanitizer_env(runtime, OMP_NUM_THREADS="2"), cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-4000:]
 
 

@@ -491,27 +491,37 @@ def _sanitizer_runtime() -> tuple[str, str] | None:
 
 # ---- tests ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def asan_library(tmp_path_factory) -> tuple[Path, str]:
+def build_asan_library(out: Path) -> str:
+    """plugins/build_asan.sh into `out`; the sanitizer runtime a process loading it must preload (the test is
+    skipped when gcc or libasan is missing)."""
     found = _sanitizer_runtime()
     if found is None:
         pytest.skip("gcc or its AddressSanitizer runtime (libasan) is not installed: no sanitizer build")
     cc, runtime = found
-    out = tmp_path_factory.mktemp("asan") / "_cpu_kernels_asan.so"
     build = subprocess.run(["bash", str(ROOT / "plugins" / "build_asan.sh"), str(out)], capture_output=True,
                            text=True, timeout=600, env={**os.environ, "CC": cc})
     assert build.returncode == 0, build.stderr[-3000:]
-    return out, runtime
+    return runtime
+
+
+def sanitizer_env(runtime: str, **extra: str) -> dict[str, str]:
+    """The environment of a child process that loads the ASan build: the runtime preloaded, the first report fatal."""
+    return {**os.environ, "LD_PRELOAD": " ".join(filter(None, [runtime, os.environ.get("LD_PRELOAD")])),
+            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+            **extra}
+
+
+@pytest.fixture(scope="module")
+def asan_library(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("asan") / "_cpu_kernels_asan.so"
+    return out, build_asan_library(out)
 
 @pytest.mark.parametrize("op", ["VQMatMul", "VQElementwise", "SQMatMul"])
 def test_mutated_models_are_refused_or_exact_under_asan(op, asan_library, tmp_path):
     library, runtime = asan_library
     mutants = {"VQMatMul": vq_matmul_mutants, "VQElementwise": vq_elementwise_mutants,
                "SQMatMul": sq_matmul_mutants}[op]()
-    env = {**os.environ, "LD_PRELOAD": " ".join(filter(None, [runtime, os.environ.get("LD_PRELOAD")])),
-           "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
-           "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1", "OMP_NUM_THREADS": "2"}
-    reports, proc = run_mutants(mutants, library, tmp_path, env)
+    reports, proc = run_mutants(mutants, library, tmp_path, sanitizer_env(runtime, OMP_NUM_THREADS="2"))
     reports_seen = f"{len(reports)} of {len(mutants)} mutants reported"
     for mark in SANITIZER_MARKS:
         assert mark not in proc.stderr, f"{reports_seen}; sanitizer report:\n{proc.stderr[-4000:]}"

@@ -315,28 +315,19 @@ def test_native_kernel_under_address_sanitizer(tmp_path):
     """Valid inputs give the reference's numbers and every mismatched size is refused with one line naming the node,
     with no AddressSanitizer / UBSan report (an ASan build of the library, plugins/build_asan.sh)."""
     import json
-    import os
     import subprocess
     import sys
 
-    from .test_native_fuzz import ROOT, SANITIZER_MARKS, _sanitizer_runtime
+    from .test_native_fuzz import SANITIZER_MARKS, build_asan_library, sanitizer_env
 
-    found = _sanitizer_runtime()
-    if found is None:
-        pytest.skip("gcc or its AddressSanitizer runtime (libasan) is not installed: no sanitizer build")
-    cc, runtime = found
     library = tmp_path / "asan.so"
-    build = subprocess.run(["bash", str(ROOT / "plugins" / "build_asan.sh"), str(library)], capture_output=True,
-                           text=True, timeout=600, env={**os.environ, "CC": cc})
-    assert build.returncode == 0, build.stderr[-3000:]
+    runtime = build_asan_library(library)
     cases = _sanitizer_cases()
     for i, (_, head_size, feeds, _) in enumerate(cases):
         np.savez(tmp_path / f"case{i}.npz", head_size=head_size, **dict(zip(wkv7_step.INPUTS, feeds)))
     (tmp_path / "count").write_text(str(len(cases)))
-    env = {**os.environ, "LD_PRELOAD": " ".join(filter(None, [runtime, os.environ.get("LD_PRELOAD")])),
-           "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(library), str(tmp_path)], capture_output=True,
-                          text=True, timeout=600, env=env)
+                          text=True, timeout=600, env=sanitizer_env(runtime))
     for mark in SANITIZER_MARKS:
         assert mark not in proc.stderr, proc.stderr[-4000:]
     assert proc.returncode == 0, proc.stderr[-4000:]
