@@ -46,7 +46,8 @@ def lowering_passes(options: LoweringOptions) -> tuple[GraphPass, ...]:
     return (RewriteScalar(options.sq_format),
             RewriteVector(),
             RewriteElementwise(fold=options.fold_elementwise),
-            QuantizeEmbeddingHead(options.embedding_bits, options.head_bits, options.head_accuracy_level),
+            QuantizeEmbeddingHead(options.embedding_bits, options.head_bits, options.head_accuracy_level,
+                                  head_format="sqmatmul" if options.sq_format == "sqmatmul" else "matmulnbits"),
             LowerVQ(enabled=options.lower_vq),
             Cleanup(check=options.check))
 

@@ -345,10 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
                    help="store the embedding as int8 rows with one scale each (default: full precision)")
     q.add_argument("--head-bits", type=int, choices=(4, 8), default=None,
-                   help="store the head as MatMulNBits, round to nearest in groups of 64 (default: full "
-                        "precision); at 0.1B the embedding and head are over half the parameters")
+                   help="store the head round to nearest in groups of 64 (default: full precision): 4 bits as "
+                        "rwkvq.SQMatMul with --sq-format sqmatmul (one copy shared by the sequence and step "
+                        "sessions), else and for 8 bits as MatMulNBits; at 0.1B the embedding and head are over "
+                        "half the parameters")
     q.add_argument("--head-accuracy-level", type=int, choices=(0, 4), default=4,
-                   help="MatMulNBits accuracy_level of the head: 4 (default) quantizes its input to int8 per "
+                   help="MatMulNBits accuracy_level of a MatMulNBits head: 4 (default) quantizes its input to int8 per "
                         "block, onnxruntime's fast CPU path; 0 computes in float (several times slower)")
     q.add_argument("--elementwise-weighting", choices=("activations", "none"), default="activations",
                    help="element-wise codebooks fit weighted by the mean squared activation each entry multiplies, "

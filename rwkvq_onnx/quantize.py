@@ -82,7 +82,7 @@ class QuantizeOptions:
     elementwise_weighted: bool = True  # False: plain k-means codebooks (ablation of the activation weighting)
     rotate_lora: bool = False  # Hadamard-rotate RWKV-7's a1/a2 and v1/v2 LoRA pairs before calibration
     embedding_bits: int | None = None  # 8: int8 embedding rows (kept in full precision when None)
-    head_bits: int | None = None  # 4 or 8: MatMulNBits head (kept in full precision when None)
+    head_bits: int | None = None  # 4 (SQMatMul with sq_format sqmatmul, else MatMulNBits) or 8 (MatMulNBits); None keeps it
     head_accuracy_level: int = 4  # MatMulNBits accuracy_level of the head: 4 int8 activations (fast), 0 float
     recipe: str | None = None  # a saved plan (OUT.plan.json): its recorded options replace these
     progress: bool = True

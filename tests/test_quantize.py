@@ -342,14 +342,20 @@ def test_embedding_and_head_pass_is_exact_to_its_payloads():
                               initializer=[numpy_helper.from_array(emb, "emb.weight"),
                                            numpy_helper.from_array(head, "head.weight")])
     ids = rng.integers(0, vocab, (1, 5))
-    for head_bits in (4, 8):
+    # (bits, head format, the op the head becomes): a 4-bit head is rwkvq.SQMatMul unless asked otherwise; 8 bits
+    # are always MatMulNBits
+    for head_bits, head_format, op, count in ((4, "sqmatmul", "SQMatMul", "head_sq"),
+                                               (4, "matmulnbits", "MatMulNBits", "head"),
+                                               (8, "sqmatmul", "MatMulNBits", "head")):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-        res = QuantizeEmbeddingHead(embedding_bits=8, head_bits=head_bits, head_accuracy_level=0)(model)
-        assert res.counts == {"embedding": 1, "head": 1}
+        res = QuantizeEmbeddingHead(embedding_bits=8, head_bits=head_bits, head_accuracy_level=0,
+                                    head_format=head_format)(model)
+        assert res.counts == {"embedding": 1, count: 1}
         from rwkvq_onnx.passes.cleanup import Cleanup
 
         Cleanup()(model)
         assert {t.name for t in model.graph.initializer}.isdisjoint({"emb.weight", "head.weight"})
+        assert [n.op_type for n in model.graph.node if n.op_type in ("SQMatMul", "MatMulNBits")] == [op]
         y = ort.InferenceSession(model.SerializeToString(), session_options(),
                                  providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
         codes, scale = int8_rows(emb)
@@ -358,12 +364,16 @@ def test_embedding_and_head_pass_is_exact_to_its_payloads():
         np.testing.assert_allclose(y, e @ w.T, atol=2e-5, rtol=1e-5)
         # and close to the fp product: int8 rows within half a step, the head within its RTN error
         assert np.abs(e - emb[ids]).max() <= 0.5 * scale.max() + 1e-6
-        # accuracy level 4 (int8 activations per block of 64): within a few int8 steps of the exact product
+        # the fast paths (MatMulNBits accuracy level 4, SQMatMul's fast kernels: int8 activations per block):
+        # within a few int8 steps of the exact product
         fast = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-        QuantizeEmbeddingHead(embedding_bits=8, head_bits=head_bits)(fast)
-        y4 = ort.InferenceSession(fast.SerializeToString(), session_options(),
+        QuantizeEmbeddingHead(embedding_bits=8, head_bits=head_bits, head_format=head_format)(fast)
+        y4 = ort.InferenceSession(fast.SerializeToString(), session_options(kernels="fast"),
                                   providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
         assert np.abs(y4 - y).max() <= 0.02 * np.abs(y).max()
+        assert np.abs(y4 - y).max() > 0  # the int8 path did run
+    with pytest.raises(Exception, match="unknown head format"):
+        QuantizeEmbeddingHead(head_bits=4, head_format="qdq")
     with pytest.raises(Exception, match="--head-bits must be 4 or 8"):
         QuantizeEmbeddingHead(head_bits=3)(helper.make_model(graph))
 
@@ -402,11 +412,18 @@ def test_cli_embedding_and_head_flags(fixture_export, tmp_path, capsys):
     name, fp = fixture_export
     out = tmp_path / "q.onnx"
     assert main(["quantize", str(fp), "-o", str(out), "--method", "rtn", "--wbits", "4", "--embedding-bits", "8",
-                 "--head-bits", "4", "--report", str(tmp_path / "q.json")]) == 0
+                 "--head-bits", "4", "--sq-format", "qdq", "--report", str(tmp_path / "q.json")]) == 0
     ops_used = {n.op_type for n in onnx.load(out).graph.node}
     assert {"MatMulNBits", "Cast"} <= ops_used
     heads = [n for n in onnx.load(step_path(out)).graph.node if n.op_type == "MatMulNBits"]
     assert len(heads) == 1 and {a.name: a.i for a in heads[0].attribute}["accuracy_level"] == 4
+    # with the default --sq-format sqmatmul the 4-bit head is rwkvq.SQMatMul (shared by both sessions)
+    out = tmp_path / "qsq.onnx"
+    assert main(["quantize", str(fp), "-o", str(out), "--method", "rtn", "--wbits", "4", "--embedding-bits", "8",
+                 "--head-bits", "4", "--report", str(tmp_path / "qsq.json")]) == 0
+    step = onnx.load(step_path(out))
+    assert not [n for n in step.graph.node if n.op_type == "MatMulNBits"]
+    assert any(n.op_type == "SQMatMul" and n.input[1] == "head.weight_codes" for n in step.graph.node)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(["quantize", str(fp), "-o", str(tmp_path / "x.onnx"), "--method", "rtn", "--head-bits", "3"])

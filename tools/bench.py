@@ -146,7 +146,7 @@ QUANTIZED = {  # variant -> quantize options (calibrated on the package's built-
 DERIVED = {
     "rwkvquant-faithful-eh4": ("rwkvquant-faithful", dict(embedding_bits=8, head_bits=4)),
     "rwkvquant-allvq-eh4": ("rwkvquant-allvq", dict(embedding_bits=8, head_bits=4)),
-    "gptq4-eh4": ("gptq4", dict(embedding_bits=8, head_bits=4)),
+    "gptq4-eh4": ("gptq4", dict(embedding_bits=8, head_bits=4, head_format="matmulnbits")),
 }
 DEFAULT_VARIANTS = ("fp32", "fp16", "rwkvquant-faithful", "rwkvquant-faithful-exact", "rwkvquant-faithful-eh4",
                     "rwkvquant-faithful-eh4-exact", "rwkvquant-allvq-eh4", "gptq4-eh4")
