@@ -201,12 +201,18 @@ def _subgraphs(graph: onnx.GraphProto):
 def export_into(graph: gs.Graph, model: onnx.ModelProto, domains: dict[str, int]) -> None:
     """Export `graph` into `model` in place: graph and operator sets replaced, metadata and IR version kept.
 
+    Inputs that have an initializer (overridable defaults) stay inputs while their initializer stays.
     Initializers of the original main graph that graphsurgeon copied into subgraphs go back to the main
     graph, once. Each of `domains` (the passes' managed domains) is imported exactly when a node uses it.
     """
     outer = {t.name for t in model.graph.initializer}  # model is still the original here
+    # inputs with an initializer (a default a caller may override, e.g. the sequence graph's logits_from):
+    # graphsurgeon imports them as constants and exports no input for them
+    overridable = [i for i in model.graph.input if i.name in outer]
     exported = gs.export_onnx(graph, do_type_check=False)
     have = {t.name for t in exported.graph.initializer}
+    declared = {i.name for i in exported.graph.input}
+    exported.graph.input.extend(i for i in overridable if i.name in have and i.name not in declared)
     for sub in _subgraphs(exported.graph):
         keep = []
         for t in sub.initializer:

@@ -2,7 +2,9 @@
 
 Graph conventions (see the design doc):
 
-- sequence: `tokens` int64 [B, T] + state -> `logits` [B, T, V] + new state;
+- sequence: `tokens` int64 [B, T] + state -> `logits` [B, T, V] + new state
+  (an optional `logits_from` int64 [1], default 0, limits the head to
+  positions logits_from..T-1: -1 gives [B, 1, V], all generation's prefill needs);
   the WKV recurrence of each layer is one `Scan` over T.
 - step: `token` int64 [B] + state -> `logits` [B, V] + new state; no loops,
   which is what TensorRT and Triton want.
@@ -49,7 +51,7 @@ from .checkpoint import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .graph_io import STATE_NAMES, Dims, check_io, io_shapes, step_path  # noqa: F401 (re-exported)
 from .graph_builder import FLOAT, FLOAT16, INT64, OPSET, GraphBuilder, tensor_type
-from .names import (CONFIG_KEY, DOMAIN, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, OPS_KEY,
+from .names import (CONFIG_KEY, DOMAIN, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, LOGITS_FROM, OPS_KEY,
                     OPSET_VERSION, PAIR_ID_KEY, is_linear_weight)
 from .opspec import wkv7_step
 from .paths import check_distinct, require_file
@@ -343,12 +345,17 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
         ffn.append(c.to_f32(last))
         x = g.op("Add", [x, c.to_f32(out)])
     x = c.to_act(c.layer_norm(x, "ln_out"))
+    if not step:  # the head runs on positions logits_from.. only (prefill asks for the last one: -1)
+        x = g.op("Slice", [x, g.initializer(LOGITS_FROM, np.array([0], np.int64)), g.ints([np.iinfo(np.int64).max]),
+                           g.ints([1])], name="logits_positions")
     g.op("Identity", [c.to_f32(c.mm(x, HEAD))], outputs=["logits"])
     for name, parts in zip(STATE_NAMES, (att, ffn, wkv)):
         _stack_layers(c, name, parts)
 
     in_shapes, out_shapes = io_shapes(config, step)
     inputs = [tensor_type(n, INT64 if n == tok_name else FLOAT, d) for n, d in in_shapes.items()]
+    if not step:
+        inputs.append(tensor_type(LOGITS_FROM, INT64, [1]))  # with its initializer: an input a caller may omit
     outputs = [tensor_type(n, FLOAT, d) for n, d in out_shapes.items()]
     graph = helper.make_graph(g.nodes, f"rwkv_{config.version}_{'step' if step else 'sequence'}",
                               inputs, outputs, initializer=g.initializers, value_info=c.value_info)

@@ -30,8 +30,9 @@ def io_shapes(config: ModelConfig, step: bool) -> tuple[dict[str, Dims], dict[st
     tok_name, lead = ("token", ["batch"]) if step else ("tokens", ["batch", "tokens"])
     states = {"state_att_shift": [L, "batch", C], "state_ffn_shift": [L, "batch", C],
               "state_wkv": [L, "batch", H, N, N]}
+    logits = lead if step else ["batch", "logit_positions"]  # T - logits_from (see names.LOGITS_FROM)
     return ({tok_name: lead, **states},
-            {"logits": lead + [V], **{"new_" + n: d for n, d in states.items()}})
+            {"logits": logits + [V], **{"new_" + n: d for n, d in states.items()}})
 
 
 def check_io(config: ModelConfig, kind: str, inputs: Mapping[str, Dims], outputs: Mapping[str, Dims],

@@ -19,6 +19,9 @@ PAIR_ID_KEY = "rwkvq.pair_id"  # written by export and quantize into both graphs
 OPS_KEY = "rwkvq.ops"  # comma-separated rwkvq op types a graph needs a custom-op library for
 
 # ---- RWKV weight-name tables (checkpoint keys; the exported graphs name their initializers the same) ----
+# The sequence graph's optional input: the first position whose logits it computes (ONNX Slice semantics, so -1 is
+# the last position alone); an initializer of value [0] (every position) that a caller may override.
+LOGITS_FROM = "logits_from"
 EMBEDDING = "emb.weight"
 HEAD = "head.weight"
 

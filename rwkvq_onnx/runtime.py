@@ -27,12 +27,13 @@ import numpy as np
 from .checkpoint import ModelConfig
 from .errors import ConfigError, RwkvqError
 from .graph_io import check_io, step_path
-from .names import CONFIG_KEY, GRAPH_KEY, PAIR_ID_KEY
+from .names import CONFIG_KEY, GRAPH_KEY, LOGITS_FROM, PAIR_ID_KEY
 from .paths import require_file
 
 StateArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 KERNELS = ("exact", "fast")
 PREFILL_CHUNK = 128  # tokens per sequence-graph run in RwkvSession.prefill
+_LAST = np.array([-1], np.int64)  # logits_from: the last position only
 ISAS = ("auto", "scalar", "avx2", "avxvnni", "avx512vnni")
 
 
@@ -185,6 +186,8 @@ class RwkvSession:
         first = self._open(self.path)
         self.config, kind, pair_id = _metadata(first, self.path)
         self.sequence = first if kind == "sequence" else None
+        self._takes_logits_from = self.sequence is not None and LOGITS_FROM in {
+            i.name for i in self.sequence.get_overridable_initializers()}
         self.step_session = first if kind == "step" else None
         self.step_path = self.path if kind == "step" else step_path(self.path)
         sibling = self.step_path
@@ -255,19 +258,31 @@ class RwkvSession:
         logits, *new = run_session(self.sequence, self.path, {"tokens": tokens, **self._feeds(state)})
         return logits, tuple(new)
 
+    def _last_logits(self, tokens: np.ndarray, state: StateArrays) -> tuple[np.ndarray, StateArrays]:
+        """The sequence graph's logits of the last position [B, 1, V] and the state: the head runs on that
+        position alone when the graph takes `logits_from` (graphs exported before it compute all of them)."""
+        if self.sequence is None or not self._takes_logits_from:
+            logits, state = self.forward(tokens, state)
+            return logits[:, -1:], state
+        state = self.zero_state(tokens.shape[0]) if state is None else state
+        logits, *new = run_session(self.sequence, self.path, {"tokens": tokens, LOGITS_FROM: _LAST,
+                                                               **self._feeds(state)})
+        return logits, tuple(new)
+
     def prefill(self, tokens: np.ndarray, state: StateArrays | None = None,
                 chunk: int = PREFILL_CHUNK) -> tuple[np.ndarray, StateArrays]:
         """tokens int [B, T] -> the logits after the last token [B, V] and the state, running the sequence
-        graph `chunk` tokens at a time: the same result as `forward` (the recurrence carries the state between
-        chunks) without holding [B, T, V] logits and T-long activations at once (generation needs the last
-        logits only; 0.1B, T = 512: the full logits alone are 128 MiB)."""
+        graph `chunk` tokens at a time with the head on each chunk's last position only (`logits_from` -1):
+        the same result as `forward` (the recurrence carries the state between chunks) without computing or
+        holding [B, T, V] logits and T-long activations at once (generation needs the last logits only; 0.1B,
+        T = 512: the full logits alone are 128 MiB, and the head is a third of the multiply-adds)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 2 or tokens.shape[1] == 0:
             raise ConfigError(f"prefill() needs tokens of shape [B, T>0], got {tokens.shape}")
         if chunk < 1:
             raise ConfigError(f"prefill() needs a chunk of at least 1 token, got {chunk}")
         for start in range(0, tokens.shape[1], chunk):
-            logits, state = self.forward(tokens[:, start:start + chunk], state)
+            logits, state = self._last_logits(tokens[:, start:start + chunk], state)
         return logits[:, -1].copy(), state
 
     def step(self, token: np.ndarray, state: StateArrays | None = None) -> tuple[np.ndarray, StateArrays]:

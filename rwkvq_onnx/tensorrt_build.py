@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .atomic import atomic_path, check_writable, write_text
 from .errors import ConfigError, MissingDependencyError, OutputError
 from .export import read_config
-from .names import DOMAIN, DTYPE_KEY
+from .names import DOMAIN, DTYPE_KEY, LOGITS_FROM
 from .opspec import SPECS, sq_matmul, vq_matmul, wkv7_step
 
 TENSORRT_HINT = ("install TensorRT 10.9 or later (pip install 'rwkvq-onnx[tensorrt]') on a machine with an NVIDIA "
@@ -173,6 +173,12 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
         notes["wkv_steps_lowered"] = counts.get(wkv7_step.OP_TYPE, 0)
         notes["sq_matmuls_lowered"] = counts.get(sq_matmul.OP_TYPE, 0)
     del m.functions[:]
+    # the sequence graph's overridable logits_from becomes a constant (0: logits for every position): an engine's
+    # inputs are the tokens and the state
+    kept = [i for i in m.graph.input if i.name != LOGITS_FROM]
+    notes["logits_from_fixed"] = len(kept) < len(m.graph.input)
+    del m.graph.input[:]
+    m.graph.input.extend(kept)
     inits = {t.name: t for t in m.graph.initializer}
     for node in m.graph.node:
         if node.op_type == "MatMulNBits":

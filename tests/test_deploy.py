@@ -115,6 +115,18 @@ def test_prepare_for_tensorrt_sets_plugin_attributes_and_fp16_casts(quantized):
     assert notes["casts_added"] == len(custom) + distinct_inputs
 
 
+def test_quantized_sequence_graph_keeps_logits_from_and_tensorrt_fixes_it(quantized):
+    from rwkvq_onnx.names import LOGITS_FROM
+
+    _, q, _ = quantized
+    model = onnx.load(q)
+    assert LOGITS_FROM in {i.name for i in model.graph.input}  # the passes keep an overridable input
+    assert LOGITS_FROM in {t.name for t in model.graph.initializer}
+    prepared, notes = prepare_for_tensorrt(model)
+    assert notes["logits_from_fixed"] and LOGITS_FROM not in {i.name for i in prepared.graph.input}
+    assert LOGITS_FROM in {t.name for t in prepared.graph.initializer}  # a constant 0: every position
+
+
 def test_optimization_profiles_cover_batch_and_sequence(quantized):
     fp, q, _ = quantized
     c = RwkvSession(fp).config

@@ -160,3 +160,21 @@ def test_chunked_prefill_is_forward(pair):
         np.testing.assert_allclose(x, y, atol=1e-5)
     with pytest.raises(ConfigError, match="chunk"):
         sess.prefill(toks, chunk=0)
+
+
+def test_logits_from_limits_the_head_to_the_last_positions(pair):
+    """The sequence graph's optional logits_from (Slice semantics) gives the logits of positions from.. only;
+    omitted, every position (what eval reads); prefill asks for -1."""
+    from rwkvq_onnx.names import LOGITS_FROM
+
+    inline, _ = pair
+    sess = RwkvSession(inline, kernels="exact")
+    assert [i.name for i in sess.sequence.get_overridable_initializers()] == [LOGITS_FROM]
+    assert LOGITS_FROM not in {i.name for i in sess.sequence.get_inputs()}  # callers may omit it
+    toks = np.random.default_rng(2).integers(0, 256, size=(2, 9))
+    want, _ = sess.forward(toks)
+    feeds = {"tokens": toks, **dict(zip(("state_att_shift", "state_ffn_shift", "state_wkv"), sess.zero_state(2)))}
+    for start, positions in ((-1, slice(8, 9)), (5, slice(5, 9)), (0, slice(0, 9))):
+        got = sess.sequence.run(["logits"], {**feeds, LOGITS_FROM: np.array([start], np.int64)})[0]
+        assert got.shape == (2, positions.stop - positions.start, want.shape[-1])
+        np.testing.assert_allclose(got, want[:, positions], atol=1e-5)  # the head of the same rows
