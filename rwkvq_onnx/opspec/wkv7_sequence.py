@@ -115,21 +115,33 @@ def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
     nodes: list[gs.Node] = []
 
     def add(op: str, hint: str, inputs: list, outputs: list | None = None, **attrs: Any) -> gs.Variable:
-        outs = outputs if outputs is not None else [gs.Variable(f"{prefix}_{hint}", dtype=np.float32)]
+        dtype = np.int64 if op in ("Shape", "Slice", "Concat") or hint == "channels" else np.float32
+        outs = outputs if outputs is not None else [gs.Variable(f"{prefix}_{hint}", dtype=dtype)]
         nodes.append(gs.Node(op, f"{prefix}_{hint}", attrs, inputs, outs))
         return outs[0]
 
-    col = gs.Constant(f"{prefix}_col_shape", np.array([0, 0, -1, N, 1], np.int64))
-    row = gs.Constant(f"{prefix}_row_shape", np.array([0, 0, -1, 1, N], np.int64))
-    flat = gs.Constant(f"{prefix}_flat_shape", np.array([0, 0, -1], np.int64))
+    # H in the reshapes (Reshape cannot infer a -1 of an empty batch or sequence): a constant when the state's shape
+    # states it (exported graphs do), else read from the state at run time
+    shape = getattr(state, "shape", None)
+    heads = int(shape[1]) if shape is not None and len(shape) == 4 and isinstance(shape[1], (int, np.integer)) \
+        else None
+
+    def const(hint: str, values: list[int]) -> gs.Constant:
+        return gs.Constant(f"{prefix}_{hint}", np.array(values, np.int64))
+
+    if heads is not None:
+        col, row = const("col_shape", [0, 0, heads, N, 1]), const("row_shape", [0, 0, heads, 1, N])
+        flat = const("flat_shape", [0, 0, heads * N])
+    else:
+        h = add("Slice", "heads", [add("Shape", "state_shape", [state]), const("one", [1]), const("two", [2])])
+        lead = const("lead", [0, 0])
+        col = add("Concat", "col_shape", [lead, h, const("col_tail", [N, 1])], axis=0)
+        row = add("Concat", "row_shape", [lead, h, const("row_tail", [1, N])], axis=0)
+        flat = add("Concat", "flat_shape", [lead, add("Mul", "channels", [h, const("n", [N])])], axis=0)
     r_c, v_c = (add("Reshape", f"{n}_col", [t, col]) for n, t in (("r", r), ("v", v)))
     kk_c = add("Neg", "kk_col", [add("Reshape", "a_col", [a, col])])  # -(-kk) is kk exactly
     w_r, k_r, b_r = (add("Reshape", f"{n}_row", [t, row]) for n, t in (("w", w), ("k", k), ("b", b)))
-    # the body's stated shapes name H when the state's shape gives it (as in exported graphs), else leave it open
-    shape = getattr(state, "shape", None)
-    heads = int(shape[1]) if shape is not None and len(shape) == 4 and isinstance(shape[1], (int, np.integer)) \
-        else "heads"
-    body, attrs = wkv7_scan(f"{prefix}_scan", heads, N)
+    body, attrs = wkv7_scan(f"{prefix}_scan", "heads" if heads is None else heads, N)
     body_graph = gs.import_onnx(onnx.helper.make_model(body, opset_imports=[onnx.helper.make_opsetid("", 21)]))
     y_col = gs.Variable(f"{prefix}_y_col", dtype=np.float32)
     nodes.append(gs.Node("Scan", f"{prefix}_scan", {"body": body_graph, **attrs},
