@@ -362,8 +362,9 @@ def test_native_kernel_under_address_sanitizer(tmp_path):
 
 @pytest.mark.slow
 def test_quantize_keeps_or_lowers_the_fused_step(tiny_ckpt, tmp_path):
-    """quantize carries WKV7Step into the quantized step graph; with --lower-vq it lowers it with the VQ ops (the
-    sequence graph has none, which is not a rewrite mismatch), and both quantized step graphs decode alike."""
+    """quantize carries WKV7Step into the quantized step graph and WKV7Sequence into the sequence graph (calibrated
+    through it); with --lower-vq it lowers both with the VQ ops (each graph has its own op, which is not a rewrite
+    mismatch), and both quantized step graphs decode alike."""
     from rwkvq_onnx.cli import main
     from rwkvq_onnx.export import step_path
 
@@ -379,7 +380,9 @@ def test_quantize_keeps_or_lowers_the_fused_step(tiny_ckpt, tmp_path):
     config, _ = load_checkpoint(tiny_ckpt)
     kept, lowered = onnx.load(step_path(q)), onnx.load(step_path(low))
     assert Counter(n.op_type for n in kept.graph.node)[wkv7_step.OP_TYPE] == config.n_layer
+    assert Counter(n.op_type for n in onnx.load(q).graph.node)["WKV7Sequence"] == config.n_layer
     assert not any(n.domain == DOMAIN for n in lowered.graph.node)
+    assert not any(n.domain == DOMAIN for n in onnx.load(low).graph.node)
     tokens = np.array([[1, 2], [30, 40], [200, 7]])
     np.testing.assert_allclose(_decode(lowered, config, tokens, native=False)[0], _decode(kept, config, tokens)[0],
                                atol=1e-5, rtol=0)
