@@ -79,10 +79,18 @@ const char* rwkvq_wkv7_check_sequence(const char* what, int64_t batch, int64_t c
     return NULL;
 }
 
+/* The helpers below must inline into each target clone (an out-of-line helper is compiled for the baseline ISA
+ * only, so the AVX2 clone would run its dot products with 4-wide SSE) */
+#if defined(__GNUC__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
+
 /* sum_j x[j] * y[j] over n values in LANES independent partial sums (which the compiler maps onto vector
  * registers without reassociating anything), then added pairwise */
 #define LANES 8
-static float dot(const float* restrict x, const float* restrict y, int64_t n) {
+INLINE float dot(const float* restrict x, const float* restrict y, int64_t n) {
     float acc[LANES] = {0};
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES)
@@ -93,14 +101,14 @@ static float dot(const float* restrict x, const float* restrict y, int64_t n) {
 }
 
 /* s[j] = s[j] * w[j] + sa * b[j] + v * k[j] in place: element-wise, vectorized */
-static void update_row(float* restrict s, const float* restrict w, const float* restrict b,
+INLINE void update_row(float* restrict s, const float* restrict w, const float* restrict b,
                        const float* restrict k, float sa, float v, int64_t n) {
     for (int64_t j = 0; j < n; ++j) s[j] = s[j] * w[j] + sa * b[j] + v * k[j];
 }
 
 /* One token of one head, in place: S [N, N] (row i = value i) becomes S', and y[i] = S'[i, :] . r. The vectors
  * point at this head's N values. */
-static inline void head_token(float* restrict S, const float* restrict r, const float* restrict w,
+INLINE void head_token(float* restrict S, const float* restrict r, const float* restrict w,
                               const float* restrict k, const float* restrict v, const float* restrict a,
                               const float* restrict b, float* restrict y, int64_t N) {
     for (int64_t i = 0; i < N; ++i) {
