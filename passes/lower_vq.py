@@ -3,12 +3,14 @@
     VQMatMul(x, codes, books, scales) -> MatMul(x, Transpose(Reshape(Gather(B, idx), [N, K])))
     VQElementwise(x, codes, book)     -> Mul(x, Gather(book, idx))
     WKV7Step(state, r, w, k, v, a, b) -> Reshapes, Mul, MatMuls and Adds of the recurrence step
+    WKV7Sequence(state, r, w, k, v, a, b) -> Reshapes and the export's Scan over T of the recurrence
 
 Each op's module in `rwkvq_onnx.opspec` builds its own lowering (`lower`);
 this pass finds the nodes and names the new tensors after the weight (the op's
-codes input is WEIGHT_codes), so reports find them. Runs only when asked
-(`--lower-vq`), and for WKV7Step alone when a TensorRT engine is built
-(`LowerVQ(ops=("WKV7Step",))`: TensorRT has plugins for the VQ ops, not for it).
+codes input is WEIGHT_codes; other ops' after their first output), so reports
+find them. Runs only when asked (`--lower-vq`), and for the ops TensorRT has
+no plugin for when an engine is built (`LowerVQ(ops=("WKV7Step",
+"WKV7Sequence", "SQMatMul"))`, see tensorrt_build.prepare_for_tensorrt).
 """
 from __future__ import annotations
 

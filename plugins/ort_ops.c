@@ -1,5 +1,5 @@
-/* onnxruntime custom-op library for the `rwkvq` domain: VQMatMul, VQElementwise, SQMatMul and WKV7Step as native
- * kernels.
+/* onnxruntime custom-op library for the `rwkvq` domain: VQMatMul, VQElementwise, SQMatMul, WKV7Step and
+ * WKV7Sequence as native kernels.
  *
  * Loaded with SessionOptions.register_custom_ops_library(<this .so>), which calls RegisterCustomOps below.
  * Each op call then costs a C function call instead of a round trip through Python (0.3 ms per op, which
@@ -629,83 +629,101 @@ static OrtStatus* sq_matmul_compute(void* kernel, void* ctx) {
     return job.failed ? refuse(api, ORT_FAIL, &k->node, "out of memory") : NULL;
 }
 
-/* ---- WKV7Step ---------------------------------------------------------------------------------------- */
+/* ---- WKV7Step and WKV7Sequence -------------------------------------------------------------------- */
 /* rwkvq.WKV7Step(state, r, w, k, v, a, b) -> (y, new_state): one RWKV-7 recurrence step for every head
- * (rwkvq_onnx/opspec/wkv7_step.py). Its own ABI struct: two outputs, seven inputs. */
+ * (rwkvq_onnx/opspec/wkv7_step.py), vectors [B, C]; rwkvq.WKV7Sequence: the same inputs with vectors [B, T, C],
+ * T steps from the state (rwkvq_onnx/opspec/wkv7_sequence.py). Their own ABI structs: two outputs, seven inputs.
+ * Both run one piece per (batch row, head) on onnxruntime's intra-op pool; a sequence piece runs its T tokens. */
 
 typedef struct {
     const OrtFn* api;
     KernelContextParallelForFn parallel_for;
     int64_t head_size;
     NodeLabel node;
-} WKV7StepKernel;
+} WKV7Kernel;
 
 typedef struct {
     const float *state, *r, *w, *k, *v, *a, *b;
     float *y, *new_state;
-    int64_t heads, head_size;
-} WKV7StepJob;
+    int64_t tokens, heads, head_size; /* tokens: T of a sequence, -1 for a step */
+} WKV7Job;
 
-static void wkv7_step_piece(void* data, size_t i) {
-    const WKV7StepJob* j = (const WKV7StepJob*)data;
-    rwkvq_wkv7_step(j->state, j->r, j->w, j->k, j->v, j->a, j->b, j->y, j->new_state, j->heads, j->head_size,
-                    (int64_t)i, 1);
+static int wkv7_run(const WKV7Job* j, int64_t first, int64_t count) {
+    return j->tokens < 0 ? rwkvq_wkv7_step(j->state, j->r, j->w, j->k, j->v, j->a, j->b, j->y, j->new_state,
+                                           j->heads, j->head_size, first, count)
+                         : rwkvq_wkv7_sequence(j->state, j->r, j->w, j->k, j->v, j->a, j->b, j->y, j->new_state,
+                                               j->tokens, j->heads, j->head_size, first, count);
 }
 
-static OrtStatus* wkv7_step_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
-    (void)op;
-    WKV7StepKernel k = {api, parallel_for_api, 0, {""}};
-    node_label(api, info, "rwkvq.WKV7Step", &k.node);
+static void wkv7_piece(void* data, size_t i) { wkv7_run((const WKV7Job*)data, (int64_t)i, 1); }
+
+static OrtStatus* wkv7_create(const OrtFn* api, const void* info, const char* op, void** kernel) {
+    WKV7Kernel k = {api, parallel_for_api, 0, {""}};
+    node_label(api, info, op, &k.node);
     TRY(attr_int(api, &k.node, info, "head_size", &k.head_size));
     if (k.head_size < 1 || k.head_size > RWKVQ_WKV7_MAX_HEAD)
         return refusef(api, &k.node, "attribute head_size=%lld is outside [1, %lld]", (long long)k.head_size,
                        RWKVQ_WKV7_MAX_HEAD);
     return keep_kernel(api, &k.node, &k, sizeof k, kernel);
 }
-static OrtStatus* wkv7_step_compute(void* kernel, void* ctx) {
-    const WKV7StepKernel* k = (const WKV7StepKernel*)kernel;
+static OrtStatus* wkv7_step_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
+    (void)op;
+    return wkv7_create(api, info, "rwkvq.WKV7Step", kernel);
+}
+static OrtStatus* wkv7_sequence_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
+    (void)op;
+    return wkv7_create(api, info, "rwkvq.WKV7Sequence", kernel);
+}
+
+/* Inputs read and checked (the state, then every vector against it: [B, C] for a step, [B, T, C] with one T for
+ * a sequence), outputs allocated, then the heads run. */
+static OrtStatus* wkv7_compute(const WKV7Kernel* k, void* ctx, int sequence) {
     const OrtFn* api = k->api;
     static const char* names[7] = {"the state", "r", "w", "k", "v", "a", "b"};
     Tensor t[7];
     for (int i = 0; i < 7; ++i) TRY(input(api, &k->node, ctx, (size_t)i, names[i], T_FLOAT, &t[i]));
     char problem[320];
-    int64_t B = 0, H = 0;
+    int64_t B = 0, H = 0, T = -1;
     if (rwkvq_wkv7_check_state(k->head_size, (int)t[0].rank, t[0].dims, &B, &H, problem, sizeof problem))
         return refuse(api, ORT_INVALID_ARGUMENT, &k->node, problem);
     const int64_t C = H * k->head_size; /* checked: below 2^31 */
     for (int i = 1; i < 7; ++i)
-        if (rwkvq_wkv7_check_vector(names[i], B, C, (int)t[i].rank, t[i].dims, problem, sizeof problem))
+        if (sequence ? rwkvq_wkv7_check_sequence(names[i], B, C, (int)t[i].rank, t[i].dims, &T, problem,
+                                                 sizeof problem)
+                     : rwkvq_wkv7_check_vector(names[i], B, C, (int)t[i].rank, t[i].dims, problem, sizeof problem))
             return refuse(api, ORT_INVALID_ARGUMENT, &k->node, problem);
-    const int64_t y_dims[2] = {B, C};
+    const int64_t y_dims[3] = {B, sequence ? T : C, C}; /* [B, T, C], or [B, C] for a step */
     float *y = NULL, *new_state = NULL;
-    TRY(output(api, ctx, 0, y_dims, 2, &y));
+    TRY(output(api, ctx, 0, y_dims, sequence ? 3 : 2, &y));
     TRY(output(api, ctx, 1, t[0].dims, 4, &new_state));
     if (B == 0) return NULL;
-    WKV7StepJob job = {(const float*)t[0].data, (const float*)t[1].data, (const float*)t[2].data,
-                       (const float*)t[3].data, (const float*)t[4].data, (const float*)t[5].data,
-                       (const float*)t[6].data, y, new_state, H, k->head_size};
+    WKV7Job job = {(const float*)t[0].data, (const float*)t[1].data, (const float*)t[2].data,
+                   (const float*)t[3].data, (const float*)t[4].data, (const float*)t[5].data,
+                   (const float*)t[6].data, y, new_state, T, H, k->head_size};
     const int64_t heads = B * H;
     if (k->parallel_for && heads > 1) /* one piece per head on onnxruntime's intra-op pool */
-        return k->parallel_for(ctx, wkv7_step_piece, (size_t)heads, 0, &job);
-    return rwkvq_wkv7_step(job.state, job.r, job.w, job.k, job.v, job.a, job.b, y, new_state, H, k->head_size, 0,
-                           heads)
-               ? refuse(api, ORT_INVALID_ARGUMENT, &k->node, "sizes out of range")
-               : NULL;
+        return k->parallel_for(ctx, wkv7_piece, (size_t)heads, 0, &job);
+    return wkv7_run(&job, 0, heads) ? refuse(api, ORT_INVALID_ARGUMENT, &k->node, "sizes out of range") : NULL;
+}
+static OrtStatus* wkv7_step_compute(void* kernel, void* ctx) { return wkv7_compute((const WKV7Kernel*)kernel, ctx, 0); }
+static OrtStatus* wkv7_sequence_compute(void* kernel, void* ctx) {
+    return wkv7_compute((const WKV7Kernel*)kernel, ctx, 1);
 }
 
 static const char* wkv7_step_name(const OrtCustomOpABI* op) { (void)op; return "WKV7Step"; }
-static int wkv7_step_type(const OrtCustomOpABI* op, size_t i) { (void)op; (void)i; return T_FLOAT; }
-static size_t wkv7_step_input_count(const OrtCustomOpABI* op) { (void)op; return 7; }
-static size_t wkv7_step_output_count(const OrtCustomOpABI* op) { (void)op; return 2; }
-static int wkv7_step_required(const OrtCustomOpABI* op, size_t i) { (void)op; (void)i; return CHARACTERISTIC_REQUIRED; }
-static int wkv7_step_memory(const OrtCustomOpABI* op, size_t i) { (void)op; (void)i; return MEM_TYPE_DEFAULT; }
-static const char* wkv7_step_provider(const OrtCustomOpABI* op) { (void)op; return NULL; /* CPU */ }
+static const char* wkv7_sequence_name(const OrtCustomOpABI* op) { (void)op; return "WKV7Sequence"; }
+static int wkv7_type(const OrtCustomOpABI* op, size_t i) { (void)op; (void)i; return T_FLOAT; }
+static size_t wkv7_input_count(const OrtCustomOpABI* op) { (void)op; return 7; }
+static size_t wkv7_output_count(const OrtCustomOpABI* op) { (void)op; return 2; }
+static int wkv7_required(const OrtCustomOpABI* op, size_t i) { (void)op; (void)i; return CHARACTERISTIC_REQUIRED; }
+static int wkv7_memory(const OrtCustomOpABI* op, size_t i) { (void)op; (void)i; return MEM_TYPE_DEFAULT; }
+static const char* wkv7_provider(const OrtCustomOpABI* op) { (void)op; return NULL; /* CPU */ }
 
-static OrtCustomOpABI wkv7_step_op = {ORT_API_VERSION_USED, NULL, wkv7_step_name, wkv7_step_provider,
-                                      wkv7_step_type, wkv7_step_input_count, wkv7_step_type,
-                                      wkv7_step_output_count, NULL, free, wkv7_step_required, wkv7_step_required,
-                                      wkv7_step_memory, NULL, NULL, NULL, NULL, wkv7_step_create,
-                                      wkv7_step_compute, {NULL}};
+#define WKV7_OP(NAME, CREATE, COMPUTE)                                                                       \
+    {ORT_API_VERSION_USED, NULL, NAME, wkv7_provider, wkv7_type, wkv7_input_count, wkv7_type, wkv7_output_count, \
+     NULL, free, wkv7_required, wkv7_required, wkv7_memory, NULL, NULL, NULL, NULL, CREATE, COMPUTE, {NULL}}
+static OrtCustomOpABI wkv7_step_op = WKV7_OP(wkv7_step_name, wkv7_step_create, wkv7_step_compute);
+static OrtCustomOpABI wkv7_sequence_op = WKV7_OP(wkv7_sequence_name, wkv7_sequence_create, wkv7_sequence_compute);
 
 /* ---- registration ------------------------------------------------------------------------------------ */
 
@@ -852,8 +870,9 @@ OrtStatus* RegisterCustomOps(void* session_options, const OrtApiBase* base) {
         ops[i].mode = mode;
         TRY(API(api, ORT_CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &ops[i].abi));
     }
-    /* WKV7Step has one numerics and no instruction-set variants: its one static struct serves every session */
+    /* the WKV ops have one numerics and no instruction-set variants: their static structs serve every session */
     TRY(API(api, ORT_CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &wkv7_step_op));
+    TRY(API(api, ORT_CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &wkv7_sequence_op));
     registered_mode = mode;
     return API(api, ORT_AddCustomOpDomain, AddCustomOpDomainFn)(session_options, domain);
 }

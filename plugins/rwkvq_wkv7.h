@@ -1,5 +1,6 @@
-/* The RWKV-7 WKV step kernel (rwkvq.WKV7Step): one token's state update and output for every head.
- * Semantics and the numpy reference: rwkvq_onnx/opspec/wkv7_step.py. */
+/* The RWKV-7 WKV kernels: rwkvq.WKV7Step (one token's state update and output for every head) and
+ * rwkvq.WKV7Sequence (T tokens of it, each head's state carried from token to token).
+ * Semantics and the numpy references: rwkvq_onnx/opspec/wkv7_step.py and wkv7_sequence.py. */
 #ifndef RWKVQ_WKV7_H
 #define RWKVQ_WKV7_H
 #include <stddef.h>
@@ -24,4 +25,19 @@ enum { RWKVQ_WKV7_BAD_SIZES = -2 };
 int rwkvq_wkv7_step(const float* state, const float* r, const float* w, const float* k, const float* v,
                     const float* a, const float* b, float* y, float* new_state, int64_t heads, int64_t head_size,
                     int64_t first, int64_t count);
+
+/* A per-token sequence input (r, w, k, v, a, b of WKV7Sequence), named `what`: [B, T, C] with C = heads *
+ * head_size. *tokens < 0 takes T from this input (T >= 0, B * T * C within the kernel's ranges, all in 64-bit
+ * arithmetic); otherwise its T must equal *tokens. NULL or a one-line reason in msg. */
+const char* rwkvq_wkv7_check_sequence(const char* what, int64_t batch, int64_t channels, int rank,
+                                      const int64_t* dims, int64_t* tokens, char* msg, size_t cap);
+
+/* For every (b, h) in [first, first + count) of the B * H heads: new_state[b, h] = state[b, h], then for
+ * t = 0 .. tokens - 1 the step above on new_state[b, h] in place with the vectors of token t ([B, T, H * N],
+ * y likewise). The same float operations in the same order as `tokens` calls of rwkvq_wkv7_step, so the
+ * result is bit-identical to stepping. Sizes must have passed the checks above. Returns 0 or
+ * RWKVQ_WKV7_BAD_SIZES. */
+int rwkvq_wkv7_sequence(const float* state, const float* r, const float* w, const float* k, const float* v,
+                        const float* a, const float* b, float* y, float* new_state, int64_t tokens, int64_t heads,
+                        int64_t head_size, int64_t first, int64_t count);
 #endif

@@ -211,13 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16 weights and matmuls (state, norms, decays and the WKV recurrence stay fp32); "
                         "default: fp32")
     e.add_argument("--mode", choices=("sequence", "step", "both"), default="sequence",
-                   help="sequence: tokens [B,T] with a Scan over T (default; also decodes with T=1); "
+                   help="sequence: tokens [B,T], the recurrence run over T (default; also decodes with T=1); "
                         "step: loop-free one-token graph for TensorRT; both: OUT.onnx and OUT.step.onnx")
     e.add_argument("--wkv-op", choices=("fused", "standard"), default="fused",
-                   help="the RWKV-7 step graph's recurrence: fused (default) = one rwkvq.WKV7Step node per layer, "
-                        "run by this package's native onnxruntime op library (build-engine lowers it for "
-                        "TensorRT); standard = standard ONNX ops only, for plain onnxruntime or other runtimes. "
-                        "The sequence graph and RWKV-6 always use standard ops")
+                   help="RWKV-7's recurrence: fused (default) = one rwkvq.WKV7Step node per layer in the step "
+                        "graph and one rwkvq.WKV7Sequence node per layer in the sequence graph, run by this "
+                        "package's native onnxruntime op library (build-engine and --lower-vq lower them); "
+                        "standard = standard ONNX ops only (a Scan over T in the sequence graph), for plain "
+                        "onnxruntime or other runtimes. RWKV-6 always uses standard ops")
     e.set_defaults(func=cmd_export)
 
     def model_args(q: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ Graph conventions (see the design doc):
 - sequence: `tokens` int64 [B, T] + state -> `logits` [B, T, V] + new state
   (an optional `logits_from` int64 [1], default 0, limits the head to
   positions logits_from..T-1: -1 gives [B, 1, V], all generation's prefill needs);
-  the WKV recurrence of each layer is one `Scan` over T.
+  the WKV recurrence of each layer is one node over T (`rwkvq.WKV7Sequence`
+  for RWKV-7 with `wkv_op="fused"`, else a `Scan`).
 - step: `token` int64 [B] + state -> `logits` [B, V] + new state; no loops,
   which is what TensorRT and Triton want.
 - state: `state_att_shift` [L, B, C], `state_ffn_shift` [L, B, C],
@@ -19,12 +20,13 @@ Graph conventions (see the design doc):
   checkpoint key and stored transposed [K, N]; element-wise vectors keep
   their keys (flattened to [C]).
 
-The step graph of an RWKV-7 model runs each layer's recurrence as one
-`rwkvq.WKV7Step` node (`wkv_op="fused"`, the default: what onnxruntime with
-the package's native op library runs) or as standard ops (`wkv_op="standard"`:
-plain onnxruntime, any ONNX runtime; TensorRT engines are built from the
-lowered form of either). The sequence graph and RWKV-6 graphs are always
-standard ops.
+An RWKV-7 model runs each layer's recurrence as one native node,
+`rwkvq.WKV7Step` in the step graph and `rwkvq.WKV7Sequence` in the sequence
+graph (`wkv_op="fused"`, the default: what onnxruntime with the package's
+native op library runs), or as standard ops (`wkv_op="standard"`: inline in
+the step graph, a `Scan` over T in the sequence graph; plain onnxruntime, any
+ONNX runtime; TensorRT engines are built from the lowered form of either,
+which is the standard form). RWKV-6 graphs are always standard ops.
 
 With `fp16`, weights and activations are float16 while the residual stream,
 layer norms, decays and the WKV recurrence stay float32: the recurrence
@@ -53,12 +55,12 @@ from .graph_io import STATE_NAMES, Dims, check_io, io_shapes, step_path  # noqa:
 from .graph_builder import FLOAT, FLOAT16, INT64, OPSET, GraphBuilder, tensor_type
 from .names import (CONFIG_KEY, DOMAIN, DTYPE_KEY, EMBEDDING, FP32_SUFFIXES, GRAPH_KEY, HEAD, LOGITS_FROM, OPS_KEY,
                     OPSET_VERSION, PAIR_ID_KEY, is_linear_weight)
-from .opspec import wkv7_step
+from .opspec import wkv7_sequence, wkv7_step
 from .paths import check_distinct, require_file
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf's hard limit is 2 GiB
 MODES = ("sequence", "step", "both")
-WKV_OPS = ("fused", "standard")  # the step graph's RWKV-7 recurrence: one rwkvq.WKV7Step per layer, or standard ops
+WKV_OPS = ("fused", "standard")  # RWKV-7's recurrence: one rwkvq.WKV7Step / WKV7Sequence per layer, or standard ops
 
 @dataclass
 class _Ctx:
@@ -67,7 +69,7 @@ class _Ctx:
     sd: Mapping[str, np.ndarray]
     act: int  # FLOAT or FLOAT16
     seq: bool  # sequence graph (leading dims B, T) or step graph (leading dim B)
-    fused: bool = False  # RWKV-7 step graph: the recurrence as one rwkvq.WKV7Step node per layer
+    fused: bool = False  # RWKV-7: the recurrence as one rwkvq.WKV7Step (step) / WKV7Sequence (sequence) per layer
     value_info: list = field(default_factory=list)  # shapes stated for tensors shape inference cannot tie to B
 
     @property
@@ -141,7 +143,7 @@ class _Ctx:
         return self.g.op("Add", [x, self.g.op("Mul", [delta, self.w(key)])])
 
 
-def _wkv_body_x070(g: GraphBuilder, s: str, r: str, w: str, k: str, v: str, kk: str, b: str) -> tuple[str, str]:
+def wkv7_body(g: GraphBuilder, s: str, r: str, w: str, k: str, v: str, kk: str, b: str) -> tuple[str, str]:
     """S <- S*w (over keys) - (S kk) b^T + v k^T ; y = S r.  S is [.., H, value, key].
 
     Inputs come already shaped: r, v, kk columns [.., H, N, 1]; w, k, b rows
@@ -163,29 +165,50 @@ def _wkv_body_x060(g: GraphBuilder, s: str, r: str, w: str, k: str, v: str, u_bo
     return s, y
 
 
+def _scan(name: str, body_fn, extra: list[str], shapes: list[list], y_shape: list, heads: int | str,
+          head_size: int) -> tuple[onnx.GraphProto, dict]:
+    """The recurrence over T as a `Scan`: its body (one token of `body_fn`, tensors named `name`_*) and its
+    attributes. Scan inputs: the state [B, H, N, N], then the per-token inputs [B, T, *shape] for `shapes`;
+    outputs: the final state and y [B, T, *y_shape]. `extra` are outer-scope tensors the body reads."""
+    H, N = heads, head_size
+    sub = GraphBuilder(prefix=f"{name}_")
+    names = [f"{name}_s_in"] + [f"{name}_in{i}" for i in range(len(shapes))]
+    s_out, y_out = body_fn(sub, names[0], *names[1:], *extra)
+    sub.op("Identity", [s_out], outputs=[f"{name}_s_out"])
+    sub.op("Identity", [y_out], outputs=[f"{name}_y"])
+    body = helper.make_graph(
+        sub.nodes, f"{name}_body",
+        [tensor_type(names[0], FLOAT, ["batch", H, N, N])]
+        + [tensor_type(n, FLOAT, ["batch", *d]) for n, d in zip(names[1:], shapes)],
+        [tensor_type(f"{name}_s_out", FLOAT, ["batch", H, N, N]),
+         tensor_type(f"{name}_y", FLOAT, ["batch", *y_shape])],
+        initializer=sub.initializers,
+    )
+    n = len(shapes)
+    return body, {"num_scan_inputs": n, "scan_input_axes": [1] * n, "scan_output_axes": [1]}
+
+
+def wkv7_scan(name: str, heads: int | str, head_size: int) -> tuple[onnx.GraphProto, dict]:
+    """RWKV-7's recurrence over T as a `Scan` (body and attributes, see `_scan`), as `export --wkv-op standard`
+    writes it and rwkvq.WKV7Sequence's lowering (opspec/wkv7_sequence.py) builds it: inputs the state, then r,
+    w, k, v, kk, b per token, r, v and kk as per-head columns [B, T, H, N, 1], w, k and b as rows
+    [B, T, H, 1, N]; y comes out as columns [B, T, H, N, 1]. `heads` may be a dim name when unknown."""
+    col, row = [heads, head_size, 1], [heads, 1, head_size]
+    return _scan(name, wkv7_body, [], [col, row, row, col, col, row], col, heads, head_size)
+
+
 def _wkv(c: _Ctx, layer: int, s0: str, inputs: list[str], extra: list[str], shapes: list[list[int]],
          y_shape: list[int]) -> tuple[str, str]:
     """Run the recurrence from this layer's state s0 [B, H, N, N]: inline for one token, a `Scan` over T for a
     sequence. `shapes` are the per-token shapes of `inputs` after the batch dim; `y_shape` that of y."""
     g, H, N = c.g, c.config.n_head, c.config.head_size
-    body_fn = _wkv_body_x070 if c.config.version == "x070" else _wkv_body_x060
+    x070 = c.config.version == "x070"
+    body_fn = wkv7_body if x070 else _wkv_body_x060
     if not c.seq:
         return body_fn(g, s0, *inputs, *extra)
-    sub = GraphBuilder(prefix=f"wkv{layer}_")
-    names = [f"wkv{layer}_s_in"] + [f"wkv{layer}_in{i}" for i in range(len(inputs))]
-    s_out, y_out = body_fn(sub, names[0], *names[1:], *extra)
-    sub.op("Identity", [s_out], outputs=[f"wkv{layer}_s_out"])
-    sub.op("Identity", [y_out], outputs=[f"wkv{layer}_y"])
-    body = helper.make_graph(
-        sub.nodes, f"wkv_body_{layer}",
-        [tensor_type(names[0], FLOAT, ["batch", H, N, N])]
-        + [tensor_type(n, FLOAT, ["batch", *d]) for n, d in zip(names[1:], shapes)],
-        [tensor_type(f"wkv{layer}_s_out", FLOAT, ["batch", H, N, N]),
-         tensor_type(f"wkv{layer}_y", FLOAT, ["batch", *y_shape])],
-        initializer=sub.initializers,
-    )
-    s, y = g.op("Scan", [s0, *inputs], n_out=2, name=f"wkv_scan_{layer}", body=body,
-                num_scan_inputs=len(inputs), scan_input_axes=[1] * len(inputs), scan_output_axes=[1])
+    name = f"wkv{layer}"
+    body, attrs = wkv7_scan(name, H, N) if x070 else _scan(name, body_fn, extra, shapes, y_shape, H, N)
+    s, y = g.op("Scan", [s0, *inputs], n_out=2, name=f"wkv_scan_{layer}", body=body, **attrs)
     return s, y
 
 
@@ -213,13 +236,16 @@ def _time_mix_x070(c: _Ctx, i: int, x: str, state_att: str, state_wkv: str, v_fi
     else:
         mixv = g.op("Sigmoid", [g.op("Add", [c.w(a + "v0"), c.mm(c.mm(xv, a + "v1"), a + "v2")])])
         v = g.op("Add", [v, g.op("Mul", [g.op("Sub", [v_first, v]), mixv])])
-    if c.fused and not c.seq:
+    if c.fused:
         kk = c.flat(kk)
-        y, s = g.op(wkv7_step.OP_TYPE, [state_wkv, c.to_f32(r), decay, c.to_f32(k), c.to_f32(v), g.op("Neg", [kk]),
-                                        g.op("Mul", [kk, c.to_f32(iclr)])],
-                    n_out=2, name=f"blocks_{i}_att_wkv7_step", domain=DOMAIN, head_size=N)
+        op = wkv7_sequence if c.seq else wkv7_step
+        y, s = g.op(op.OP_TYPE, [state_wkv, c.to_f32(r), decay, c.to_f32(k), c.to_f32(v), g.op("Neg", [kk]),
+                                 g.op("Mul", [kk, c.to_f32(iclr)])],
+                    n_out=2, name=f"blocks_{i}_att_{'wkv7_sequence' if c.seq else 'wkv7_step'}", domain=DOMAIN,
+                    head_size=N)
         # a custom op has no shape inference: state its outputs' shapes, or every shape after it is unknown
-        c.value_info += [tensor_type(y, FLOAT, ["batch", H * N]), tensor_type(s, FLOAT, ["batch", H, N, N])]
+        lead = ["batch", "tokens"] if c.seq else ["batch"]
+        c.value_info += [tensor_type(y, FLOAT, [*lead, H * N]), tensor_type(s, FLOAT, ["batch", H, N, N])]
         y = c.to_act(c.group_norm(c.heads(y), a + "ln_x", [N]))
     else:
         wkv_in = [c.col(c.to_f32(r)), c.row(decay), c.row(c.to_f32(k)), c.col(c.to_f32(v)),
@@ -315,11 +341,12 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
                 fp16: bool = False, wkv_op: str = "fused") -> onnx.ModelProto:
     """Build the sequence (default) or step graph of a model as an in-memory ONNX model.
 
-    `wkv_op` matters for an RWKV-7 step graph only: "fused" runs each layer's recurrence as one
-    rwkvq.WKV7Step node (needs the package's native op library), "standard" as standard ONNX ops.
+    `wkv_op` matters for RWKV-7 only: "fused" runs each layer's recurrence as one rwkvq.WKV7Step (step graph)
+    or rwkvq.WKV7Sequence (sequence graph) node (needs the package's native op library), "standard" as
+    standard ONNX ops (a Scan over T in the sequence graph).
     """
     check_wkv_op(wkv_op)
-    fused = step and wkv_op == "fused" and config.version == "x070"
+    fused = wkv_op == "fused" and config.version == "x070"
     c = _Ctx(GraphBuilder(), config, state_dict, FLOAT16 if fp16 else FLOAT, seq=not step, fused=fused)
     g = c.g
     L = config.n_layer
@@ -365,7 +392,7 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
         CONFIG_KEY: config.to_json(),
         GRAPH_KEY: "step" if step else "sequence",
         DTYPE_KEY: "float16" if fp16 else "float32",
-        **({OPS_KEY: wkv7_step.OP_TYPE} if fused else {}),
+        **({OPS_KEY: (wkv7_step if step else wkv7_sequence).OP_TYPE} if fused else {}),
     })
     return model
 
@@ -462,14 +489,14 @@ def export(config: ModelConfig, state_dict: Mapping[str, np.ndarray], out: str |
            mode: str = "sequence", fp16: bool = False, wkv_op: str = "fused") -> list[Path]:
     """Export to `out` (sequence or step graph), or both to `out` and its `.step.onnx` sibling as one pair.
 
-    `wkv_op` is the step graph's RWKV-7 recurrence (see `build_graph`)."""
+    `wkv_op` is RWKV-7's recurrence in both graphs (see `build_graph`)."""
     if mode not in MODES:
         raise ConfigError(f"unknown export mode '{mode}' (choose from {', '.join(MODES)})")
     check_wkv_op(wkv_op)
     out = Path(out)
     graphs = []
     if mode in ("sequence", "both"):
-        graphs.append((build_graph(config, state_dict, step=False, fp16=fp16), out))
+        graphs.append((build_graph(config, state_dict, step=False, fp16=fp16, wkv_op=wkv_op), out))
     if mode in ("step", "both"):
         target = out if mode == "step" else step_path(out)
         graphs.append((build_graph(config, state_dict, step=True, fp16=fp16, wkv_op=wkv_op), target))

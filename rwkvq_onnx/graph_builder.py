@@ -2,7 +2,8 @@
 
 Export builds its graphs directly with `onnx.helper` (rather than tracing
 PyTorch) so that every weight initializer keeps its checkpoint key, the WKV
-recurrence is one `Scan` per layer, and the step graph is loop-free.
+recurrence is one node per layer (a native op or a `Scan`), and the step graph
+is loop-free.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import cpu_kernels
 from .names import DOMAIN
-from .opspec import sq_matmul, vq_elementwise, vq_matmul, wkv7_step
+from .opspec import sq_matmul, vq_elementwise, vq_matmul, wkv7_sequence, wkv7_step
 
 _REGISTERED = False
 
@@ -56,6 +56,11 @@ def register_python_ops() -> str:
                  outputs=[T.dt_float] * len(wkv7_step.OUTPUTS), attrs={"head_size": T.dt_int64})
         def run_wkv7_step(state, r, w, k, v, a, b, **attrs):
             return wkv7_step.reference(state, r, w, k, v, a, b, head_size=int(attrs["head_size"]))
+
+        @onnx_op(op_type=f"{DOMAIN}::{wkv7_sequence.OP_TYPE}", inputs=[T.dt_float] * len(wkv7_sequence.INPUTS),
+                 outputs=[T.dt_float] * len(wkv7_sequence.OUTPUTS), attrs={"head_size": T.dt_int64})
+        def run_wkv7_sequence(state, r, w, k, v, a, b, **attrs):
+            return wkv7_sequence.reference(state, r, w, k, v, a, b, head_size=int(attrs["head_size"]))
 
         _REGISTERED = True
     return get_library_path()

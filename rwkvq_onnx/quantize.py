@@ -32,7 +32,7 @@ from .graph import rwkvq_ops, set_initializer
 from .names import DOMAIN, EMBEDDING, GRAPH_KEY, HEAD, OPS_KEY, QUANTIZATION_KEY
 from .paths import check_distinct, model_files, require_file
 from .passes.base import PassResult
-from .passes.pipeline import LoweringOptions, lower_payloads
+from .passes.pipeline import EXPORT_OPS, LoweringOptions, lower_payloads
 from .passes.quantize_embedding_head import QuantizeEmbeddingHead
 from .quant import ElementwiseConfig, GPTQConfig, VQConfig, model_bpw
 from .quant.apply import apply_plan, dequantized, tensor_rows
@@ -300,7 +300,8 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
         model = onnx.load(in_path)
     except Exception as exc:
         raise ConfigError(f"cannot read ONNX model: {str(exc).splitlines()[0] if str(exc) else exc}", in_path) from None
-    if any(o.domain == DOMAIN for o in model.opset_import) or any(
+    # rwkvq ops other than the recurrence export writes (WKV7Sequence / WKV7Step) come from quantize
+    if any(n.domain == DOMAIN and n.op_type not in EXPORT_OPS for n in model.graph.node) or any(
             n.op_type in ("DequantizeLinear", "MatMulNBits") for n in model.graph.node):
         raise ConfigError("model is already quantized: quantize the fp export", in_path)
     config = read_config(model, in_path)

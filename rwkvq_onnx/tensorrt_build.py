@@ -35,7 +35,7 @@ from .atomic import atomic_path, check_writable, write_text
 from .errors import ConfigError, MissingDependencyError, OutputError
 from .export import read_config
 from .names import DOMAIN, DTYPE_KEY, LOGITS_FROM
-from .opspec import SPECS, sq_matmul, vq_matmul, wkv7_step
+from .opspec import SPECS, sq_matmul, vq_matmul, wkv7_sequence, wkv7_step
 
 TENSORRT_HINT = ("install TensorRT 10.9 or later (pip install 'rwkvq-onnx[tensorrt]') on a machine with an NVIDIA "
                  "GPU and driver; see README, 'GPU deployment'")
@@ -161,16 +161,17 @@ def prepare_for_tensorrt(model: onnx.ModelProto, max_rows: int = 1) -> tuple[onn
     m = onnx.ModelProto()
     m.CopyFrom(model)
     notes = {"functions_stripped": len(m.functions), "plugins": {}, "casts_added": 0, "weights_as_int32_words": 0,
-             "max_rows": max_rows, "wkv_steps_lowered": 0}
-    # the fused recurrence step and the packed scalar weights have no TensorRT plugin: their standard-op forms
+             "max_rows": max_rows, "wkv_steps_lowered": 0, "wkv_sequences_lowered": 0}
+    # the fused recurrence (step and sequence) and the packed scalar weights have no TensorRT plugin: their standard-op forms
     # (the recurrence as TensorRT's own layers, the weights as blocked DequantizeLinear + MatMul) run instead
-    lowered = [op for op in (wkv7_step.OP_TYPE, sq_matmul.OP_TYPE)
+    lowered = [op for op in (wkv7_step.OP_TYPE, wkv7_sequence.OP_TYPE, sq_matmul.OP_TYPE)
                if any(n.domain == DOMAIN and n.op_type == op for n in m.graph.node)]
     if lowered:
         from .passes.lower_vq import LowerVQ
 
         counts = LowerVQ(ops=tuple(lowered))(m).counts
         notes["wkv_steps_lowered"] = counts.get(wkv7_step.OP_TYPE, 0)
+        notes["wkv_sequences_lowered"] = counts.get(wkv7_sequence.OP_TYPE, 0)
         notes["sq_matmuls_lowered"] = counts.get(sq_matmul.OP_TYPE, 0)
     del m.functions[:]
     # the sequence graph's overridable logits_from becomes a constant (0: logits for every position): an engine's

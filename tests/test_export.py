@@ -71,7 +71,9 @@ def test_export_writes_valid_graphs_with_checkpoint_names(exported):
             assert list(init.dims) == list(sd[key].shape[::-1])  # stored transposed [K, N]
     seq, step = onnx.load(path), onnx.load(step_path(path))
     assert {t.name for t in seq.graph.initializer if t.name in sd} == {t.name for t in step.graph.initializer if t.name in sd}
-    assert any(n.op_type == "Scan" for n in seq.graph.node)
+    # RWKV-7's recurrence is one rwkvq.WKV7Sequence per layer (export's default --wkv-op fused), RWKV-6's a Scan
+    recurrence = "WKV7Sequence" if config.version == "x070" else "Scan"
+    assert [n.op_type for n in seq.graph.node].count(recurrence) == config.n_layer
     assert not any(n.op_type in ("Scan", "Loop") for n in step.graph.node)
     assert [i.name for i in step.graph.input] == ["token", "state_att_shift", "state_ffn_shift", "state_wkv"]
 

@@ -61,10 +61,11 @@ def _subgraphs(graph):
                 yield attr.g
 
 
-@pytest.mark.parametrize("step", [False, True])
-def test_pipeline_on_an_exported_graph_equals_the_dequantized_weights(tiny, step):
+@pytest.mark.parametrize("step,wkv_op", [(False, "standard"), (False, "fused"), (True, "fused")])
+def test_pipeline_on_an_exported_graph_equals_the_dequantized_weights(tiny, step, wkv_op):
+    """The sequence graph with its Scans (standard) or rwkvq.WKV7Sequence nodes (fused), and the step graph."""
     config, sd = tiny
-    model = build_graph(config, sd, step=step)
+    model = build_graph(config, sd, step=step, wkv_op=wkv_op)
     payloads = _payloads(sd)
     expected_model = onnx.ModelProto()
     expected_model.CopyFrom(model)
@@ -90,17 +91,18 @@ def test_pipeline_on_an_exported_graph_equals_the_dequantized_weights(tiny, step
     np.testing.assert_allclose(_run(model, feeds), _run(expected_model, feeds), atol=2e-4, rtol=1e-4)
 
 
-def test_lowered_vq_graph_keeps_no_rwkvq_domain(tiny):
+@pytest.mark.parametrize("step", [False, True])
+def test_lowered_vq_graph_keeps_no_rwkvq_domain(tiny, step):
     config, sd = tiny
-    model = build_graph(config, sd, step=True)
+    model = build_graph(config, sd, step=step)
     plain = onnx.ModelProto()
     plain.CopyFrom(model)
     payloads = _payloads(sd)
     lower_payloads([model], payloads, LoweringOptions())
     results = lower_payloads([plain], payloads, LoweringOptions(lower_vq=True))
-    # and the step graph's fused recurrence (export's default), one per layer
+    # and the graph's fused recurrence (export's default), one per layer
     assert {r.name: r.counts for r in results}["lower-vq"] == {"VQMatMul": 1, "VQElementwise": 1, "SQMatMul": 1,
-                                                                "WKV7Step": config.n_layer}
+                                                                "WKV7Step" if step else "WKV7Sequence": config.n_layer}
     assert not any(n.domain == DOMAIN for n in plain.graph.node)
     assert not any(o.domain == DOMAIN for o in plain.opset_import)
     feeds = _feeds(config, model)

@@ -137,11 +137,10 @@ def test_polygraphy_data_loader_feeds_match_the_graph(models):
 
 
 @pytest.mark.parametrize("graph", ["sequence", "step"])
-def test_polygraphy_cli_runs_with_the_data_loader_script(models, graph, tiny_ckpt, tmp_path):
-    fp, _, _ = models
-    if graph == "step":  # Polygraphy's onnxruntime runner cannot load the rwkvq ops: the standard-op step graph
-        fp = tmp_path / "standard.onnx"
-        assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both", "--wkv-op", "standard"]) == 0
+def test_polygraphy_cli_runs_with_the_data_loader_script(graph, tiny_ckpt, tmp_path):
+    # Polygraphy's onnxruntime runner cannot load the rwkvq ops (WKV7Sequence, WKV7Step): the standard-op graphs
+    fp = tmp_path / "standard.onnx"
+    assert main(["export", str(tiny_ckpt), "-o", str(fp), "--mode", "both", "--wkv-op", "standard"]) == 0
     model = fp if graph == "sequence" else step_path(fp)
     env = {**os.environ, "RWKVQ_MODEL": str(model), "RWKVQ_STATE": "random", "RWKVQ_TOKENS": "3"}
     script = REPO / "rwkvq_onnx" / "polygraphy_data.py"

@@ -188,7 +188,7 @@ def test_fused_step_graph_has_fewer_nodes_and_the_same_logits(tiny_ckpt):
     ops = Counter(n.op_type for n in fused.graph.node)
     assert ops[wkv7_step.OP_TYPE] == config.n_layer
     assert not any(n.domain == DOMAIN for n in standard.graph.node)
-    assert not any(n.domain == DOMAIN for n in build_graph(config, sd, step=False).graph.node)
+    assert not any(n.domain == DOMAIN for n in build_graph(config, sd, step=False, wkv_op="standard").graph.node)
     assert len(fused.graph.node) < len(standard.graph.node)
     print(f"step graph nodes: standard {len(standard.graph.node)}, fused {len(fused.graph.node)}; per layer: "
           f"standard {_nodes_per_layer(config, sd, 'standard')}, fused {_nodes_per_layer(config, sd, 'fused')}")
@@ -274,7 +274,7 @@ for i in range(int((folder / "count").read_text())):
     case = np.load(folder / f"case{i}.npz")
     ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "new_state")]
-    node = helper.make_node("WKV7Step", names, ["y", "new_state"], name="wkv_under_test", domain="rwkvq",
+    node = helper.make_node(str(case["op"]), names, ["y", "new_state"], name="wkv_under_test", domain="rwkvq",
                             head_size=int(case["head_size"]))
     model = helper.make_model(helper.make_graph([node], "g", ins, outs), ir_version=10,
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("rwkvq", 1)])
@@ -293,27 +293,41 @@ for i in range(int((folder / "count").read_text())):
 """
 
 
-def _sanitizer_cases() -> list[tuple[str, int, list[np.ndarray], bool]]:
-    """(label, head_size, feeds, valid): real-sized and edge shapes, and every input one value short or long."""
-    rng = np.random.default_rng(5)
-    cases = [(f"valid B={B} H={H} N={N}", N, _inputs(rng, B, H, N), True)
-             for B, H, N in [(1, 12, 64), (3, 2, 32), (1, 1, 1), (2, 3, 5), (0, 2, 4)]]
-    base = _inputs(rng, 2, 3, 4)
+def _mutants(op: str, base: list[np.ndarray], rng: np.random.Generator) -> list[tuple[str, str, int, list, bool]]:
+    """Every input of `base` (head size 4) one value short or long in each dim, flattened, or without its last
+    value; and head sizes that do not fit."""
+    cases = []
     for i, name in enumerate(wkv7_step.INPUTS):
         a = base[i]
-        for shape in {(a.shape[0], a.shape[1] - 1, *a.shape[2:]), (a.shape[0], a.shape[1] + 1, *a.shape[2:]),
-                      (a.shape[0] + 1, *a.shape[1:]), (a.size,), (*a.shape[:-1], a.shape[-1] - 1)}:
+        shapes = {(*a.shape[:d], a.shape[d] + delta, *a.shape[d + 1:]) for d in range(a.ndim) for delta in (-1, 1)}
+        for shape in sorted(shapes | {(a.size,), (*a.shape[:-1], a.shape[-1] - 1)}):
             feeds = list(base)
             feeds[i] = rng.standard_normal(shape).astype(np.float32)
-            cases.append((f"{name} shape {shape}", 4, feeds, False))
-    cases += [(f"head_size={n}", n, base, False) for n in (0, 1, 2, 3, 5, 8, 1025, 2**31, -1)]
-    return cases
+            cases.append((op, f"{op} {name} shape {shape}", 4, feeds, False))
+    return cases + [(op, f"{op} head_size={n}", n, base, False) for n in (0, 1, 2, 3, 5, 8, 1025, 2**31, -1)]
+
+
+def _sanitizer_cases() -> list[tuple[str, str, int, list[np.ndarray], bool]]:
+    """(op, label, head_size, feeds, valid) for WKV7Step and WKV7Sequence: real-sized and edge shapes, and the
+    mutants of a small valid case."""
+    from .test_wkv7_sequence import _inputs as _sequence_inputs
+
+    rng = np.random.default_rng(5)
+    step, seq = wkv7_step.OP_TYPE, "WKV7Sequence"
+    cases = [(step, f"{step} B={B} H={H} N={N}", N, _inputs(rng, B, H, N), True)
+             for B, H, N in [(1, 12, 64), (3, 2, 32), (1, 1, 1), (2, 3, 5), (0, 2, 4)]]
+    cases += [(seq, f"{seq} B={B} T={T} H={H} N={N}", N, _sequence_inputs(rng, B, T, H, N), True)
+              for B, T, H, N in [(1, 16, 12, 64), (3, 5, 2, 32), (1, 3, 1, 1), (2, 4, 3, 5), (0, 2, 2, 4),
+                                 (2, 0, 2, 4)]]
+    return cases + _mutants(step, _inputs(rng, 2, 3, 4), rng) + _mutants(seq, _sequence_inputs(rng, 2, 3, 3, 4), rng)
 
 
 @pytest.mark.slow
 def test_native_kernel_under_address_sanitizer(tmp_path):
-    """Valid inputs give the reference's numbers and every mismatched size is refused with one line naming the node,
-    with no AddressSanitizer / UBSan report (an ASan build of the library, plugins/build_asan.sh)."""
+    """WKV7Step and WKV7Sequence: valid inputs give the reference's numbers and every mismatched size is refused with
+    one line naming the node, with no AddressSanitizer / UBSan report (an ASan build of the library,
+    plugins/build_asan.sh)."""
+    from rwkvq_onnx.opspec import SPECS
     import json
     import subprocess
     import sys
@@ -323,8 +337,8 @@ def test_native_kernel_under_address_sanitizer(tmp_path):
     library = tmp_path / "asan.so"
     runtime = build_asan_library(library)
     cases = _sanitizer_cases()
-    for i, (_, head_size, feeds, _) in enumerate(cases):
-        np.savez(tmp_path / f"case{i}.npz", head_size=head_size, **dict(zip(wkv7_step.INPUTS, feeds)))
+    for i, (op, _, head_size, feeds, _) in enumerate(cases):
+        np.savez(tmp_path / f"case{i}.npz", op=op, head_size=head_size, **dict(zip(wkv7_step.INPUTS, feeds)))
     (tmp_path / "count").write_text(str(len(cases)))
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(library), str(tmp_path)], capture_output=True,
                           text=True, timeout=600, env=sanitizer_env(runtime))
@@ -333,14 +347,14 @@ def test_native_kernel_under_address_sanitizer(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["i"] for r in reports] == list(range(len(cases)))
-    for (label, head_size, feeds, valid), r in zip(cases, reports):
+    for (op, label, head_size, feeds, valid), r in zip(cases, reports):
         if not valid:
             assert r["error"] is not None, f"{label}: not refused"
-            text = r["error"][r["error"].find("rwkvq.WKV7Step"):].strip()
-            assert text.startswith(f"rwkvq.WKV7Step node '{NODE}'") and "\n" not in text, f"{label}: {r['error']!r}"
+            text = r["error"][r["error"].find(f"rwkvq.{op} "):].strip()
+            assert text.startswith(f"rwkvq.{op} node '{NODE}'") and "\n" not in text, f"{label}: {r['error']!r}"
             continue
         assert r["error"] is None, f"{label}: {r['error']}"
-        y_ref, s_ref = wkv7_step.reference(*feeds, head_size=head_size)
+        y_ref, s_ref = SPECS[op].reference(*feeds, head_size=head_size)
         for got, ref in ((np.load(tmp_path / f"y{r['i']}.npy"), y_ref), (np.load(tmp_path / f"s{r['i']}.npy"), s_ref)):
             assert got.shape == ref.shape, label
             assert np.abs(got - ref).max(initial=0.0) <= REL_TOL * max(np.abs(ref).max(initial=0.0), 1.0), label
@@ -348,8 +362,9 @@ def test_native_kernel_under_address_sanitizer(tmp_path):
 
 @pytest.mark.slow
 def test_quantize_keeps_or_lowers_the_fused_step(tiny_ckpt, tmp_path):
-    """quantize carries WKV7Step into the quantized step graph; with --lower-vq it lowers it with the VQ ops (the
-    sequence graph has none, which is not a rewrite mismatch), and both quantized step graphs decode alike."""
+    """quantize carries WKV7Step into the quantized step graph and WKV7Sequence into the sequence graph (calibrated
+    through it); with --lower-vq it lowers both with the VQ ops (each graph has its own op, which is not a rewrite
+    mismatch), and both quantized step graphs decode alike."""
     from rwkvq_onnx.cli import main
     from rwkvq_onnx.export import step_path
 
@@ -365,7 +380,9 @@ def test_quantize_keeps_or_lowers_the_fused_step(tiny_ckpt, tmp_path):
     config, _ = load_checkpoint(tiny_ckpt)
     kept, lowered = onnx.load(step_path(q)), onnx.load(step_path(low))
     assert Counter(n.op_type for n in kept.graph.node)[wkv7_step.OP_TYPE] == config.n_layer
+    assert Counter(n.op_type for n in onnx.load(q).graph.node)["WKV7Sequence"] == config.n_layer
     assert not any(n.domain == DOMAIN for n in lowered.graph.node)
+    assert not any(n.domain == DOMAIN for n in onnx.load(low).graph.node)
     tokens = np.array([[1, 2], [30, 40], [200, 7]])
     np.testing.assert_allclose(_decode(lowered, config, tokens, native=False)[0], _decode(kept, config, tokens)[0],
                                atol=1e-5, rtol=0)
