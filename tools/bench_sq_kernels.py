@@ -67,14 +67,14 @@ def _graph_session(ort, helper, TensorProto, nodes, initializers, k: int, n: int
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _median_ms(call, repeats: int, per: int, clock=time.perf_counter) -> float:
+def _median_ms(call, repeats: int, per: int, clock=time.perf_counter, stat=np.median) -> float:
     call()  # warm-up: pages touched, threads started
     times = []
     for _ in range(repeats):
         t = clock()
         call()
         times.append(clock() - t)
-    return 1e3 * float(np.median(times)) / per
+    return 1e3 * float(stat(times)) / per
 
 
 def child(args: argparse.Namespace) -> None:
@@ -91,6 +91,7 @@ def child(args: argparse.Namespace) -> None:
 
     threads = args.threads[0]
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    stat = np.min if args.stat == "min" else np.median
     lib = cpu_kernels.library()
     if lib is None:
         raise SystemExit("the native kernels are not built (pip install -e .)")
@@ -123,8 +124,8 @@ def child(args: argparse.Namespace) -> None:
             x = rng.standard_normal((rows, k)).astype(np.float32)
             y = np.empty((rows, n), np.float32)
             result = {"threads": threads, "shape": f"{n}x{k}", "rows": rows, "copies": copies}
-            result["fp32"] = _median_ms(lambda: fp32.run(None, {"x": x}), args.repeats, copies, clock)
-            result["ort-fast"] = _median_ms(lambda: sq_session.run(None, {"x": x}), args.repeats, copies, clock)
+            result["fp32"] = _median_ms(lambda: fp32.run(None, {"x": x}), args.repeats, copies, clock, stat)
+            result["ort-fast"] = _median_ms(lambda: sq_session.run(None, {"x": x}), args.repeats, copies, clock, stat)
             p = ctypes.c_void_p
             for kernels in ("exact", "fast"):
                 for isa in isas if kernels == "fast" else isas[-1:]:
@@ -139,7 +140,7 @@ def child(args: argparse.Namespace) -> None:
                             lib.rwkvq_sq_matmul(p(x.ctypes.data), rows, c, s, z, p(y.ctypes.data), n, k, args.bits,
                                                 args.group_size, mode, code)
 
-                    result[f"{kernels}/{isa}"] = _median_ms(run, args.repeats, copies, clock)
+                    result[f"{kernels}/{isa}"] = _median_ms(run, args.repeats, copies, clock, stat)
             print(json.dumps(result), flush=True)
 
 
@@ -157,6 +158,9 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall (default), or the process's CPU time: steadier on a shared machine, but it counts "
                          "every thread's time (spin-waits included), so compare only one-thread runs with it")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="median (default) or min of the timed calls: min filters out the time other jobs on a shared "
+                         "machine take from a run")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -166,12 +170,12 @@ def main() -> None:
     for threads in args.threads:
         cmd = [sys.executable, __file__, "--child", "--threads", str(threads), "--rows", *map(str, args.rows),
                "--repeats", str(args.repeats), "--copies", str(args.copies), "--bits", str(args.bits),
-               "--group-size", str(args.group_size), "--isa", args.isa, "--clock", args.clock,
+               "--group-size", str(args.group_size), "--isa", args.isa, "--clock", args.clock, "--stat", args.stat,
                "--shapes", *(f"{n}x{k}" for n, k in args.shapes)]
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True,
                              env={**os.environ, "OMP_NUM_THREADS": str(threads)}).stdout
         lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    print(f"{args.bits}-bit, group {args.group_size}; {args.clock} ms per weight (median of {args.repeats}); "
+    print(f"{args.bits}-bit, group {args.group_size}; {args.clock} ms per weight ({args.stat} of {args.repeats}); "
           "ratio = fp32 / variant")
     for r in lines:
         variants = [key for key in r if "/" in key or key == "ort-fast"]
