@@ -116,11 +116,19 @@ static int stream_value(const uint8_t* row, int64_t j, int bits) {
     return (int)((v >> (bit & 7)) & ((1u << bits) - 1));
 }
 
+/* n IEEE halves to floats (the portable conversion; the SIMD kernels use F16C, exact alike) */
+static void halves_scalar(const uint16_t* h, int n, float* f) {
+    for (int i = 0; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+
+typedef void (*halves_fn)(const uint16_t*, int, float*);
+
 /* one row's group scales (float) and zero points */
-static void row_groups(const uint16_t* scales, const uint8_t* zeros, int n, int G, int bits, float* s, int* z) {
-    const uint16_t* srow = scales + (size_t)n * G;
+static void row_groups_with(halves_fn halves, const uint16_t* scales, const uint8_t* zeros, int n, int G, int bits,
+                            float* s, int* z) {
     const uint8_t* zrow = zeros + (size_t)n * (size_t)ceil_div((int64_t)G * bits, 8);
-    for (int g = 0; g < G; ++g) s[g] = half_to_float(srow[g]), z[g] = stream_value(zrow, g, bits);
+    halves(scales + (size_t)n * G, G, s);
+    for (int g = 0; g < G; ++g) z[g] = stream_value(zrow, g, bits);
 }
 
 /* the codes of one block of 32 weights (layout: rwkvq_sq.h) */
@@ -303,6 +311,7 @@ typedef void (*decode_rows_fn)(const uint8_t*, int64_t, int, int, int, int, cons
                                int64_t);
 typedef void (*dot_rows_fn)(const float*, const float*, int64_t, int, int, float*, int64_t, int);
 
+
 /* the kernels of one instruction set */
 typedef struct {
     rows_fn rows;
@@ -310,6 +319,7 @@ typedef struct {
     unpack_rows_fn unpack_rows;
     decode_rows_fn decode_rows;
     dot_rows_fn dot_rows;
+    halves_fn halves;
 } Kernels;
 
 #if SQ_X86
@@ -359,7 +369,9 @@ typedef struct {
 #endif
 
 #define SQ_KERNELS(SUFFIX) \
-    (Kernels) { rows_##SUFFIX, panel_##SUFFIX, unpack_rows_##SUFFIX, decode_rows_##SUFFIX, dot_rows_##SUFFIX }
+    (Kernels) {                                                                                                    \
+        rows_##SUFFIX, panel_##SUFFIX, unpack_rows_##SUFFIX, decode_rows_##SUFFIX, dot_rows_##SUFFIX, halves_##SUFFIX \
+    }
 
 /* the kernels of an instruction set; 0 when this build has none for it */
 static int isa_kernels(int isa, Kernels* k) {
@@ -423,7 +435,7 @@ static int exact_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
     int rc = w && s && z ? RWKVQ_OK : RWKVQ_NO_MEMORY;
     const int group_blocks = c->group_size / SQ_BLOCK;
     for (int n = n0; n < n1 && !rc; ++n) {
-        row_groups(c->scales, c->zeros, n, c->G, c->bits, s, z);
+        row_groups_with(kn->halves, c->scales, c->zeros, n, c->G, c->bits, s, z);
         kn->decode_rows(c->codes + n * c->row_bytes, c->row_bytes, 1, 0, c->nb, c->bits, s, z, c->G, group_blocks, w,
                         c->K);
         for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
@@ -447,7 +459,7 @@ static int exact_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
     for (int p = n0; p < n1; p += SQ_PANEL) {
         const int rows = n1 - p < SQ_PANEL ? n1 - p : SQ_PANEL;
         for (int r = 0; r < rows; ++r)
-            row_groups(c->scales, c->zeros, p + r, c->G, c->bits, s + (size_t)r * c->G, z + (size_t)r * c->G);
+            row_groups_with(kn->halves, c->scales, c->zeros, p + r, c->G, c->bits, s + (size_t)r * c->G, z + (size_t)r * c->G);
         for (int k0 = 0; k0 < c->K; k0 += SQ_KC) {
             const int k1 = c->K - k0 < SQ_KC ? c->K : k0 + SQ_KC;
             kn->decode_rows(c->codes + p * c->row_bytes, c->row_bytes, rows, k0 / SQ_BLOCK, k1 / SQ_BLOCK, c->bits, s,
@@ -470,7 +482,7 @@ static int fast_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
     int* z = (int*)malloc(sizeof(int) * (size_t)c->G);
     int rc = s && z ? RWKVQ_OK : RWKVQ_NO_MEMORY;
     for (int n = n0; n < n1 && !rc; ++n) {
-        row_groups(c->scales, c->zeros, n, c->G, c->bits, s, z);
+        row_groups_with(kn->halves, c->scales, c->zeros, n, c->G, c->bits, s, z);
         for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
             const int mr = c->M - m < RWKVQ_SQ_GEMV_MAX_ROWS ? c->M - m : RWKVQ_SQ_GEMV_MAX_ROWS;
             kn->rows(c->codes + n * c->row_bytes, 1, c->bits, mr, s, z, c->a.q + (size_t)m * c->K,
@@ -507,7 +519,7 @@ static int fast_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
         kn->unpack_rows(c->codes + p * c->row_bytes, c->row_bytes, panel, c->nb, c->bits, w);
         memset(sp, 0, sizeof(float) * (size_t)pairs * G * 8 * 2); /* a lone last row: its pair's lanes 4-7 zero */
         for (int r = 0; r < panel; ++r) {
-            row_groups(c->scales, c->zeros, p + r, G, c->bits, s, z);
+            row_groups_with(kn->halves, c->scales, c->zeros, p + r, G, c->bits, s, z);
             for (int g = 0; g < G; ++g)
                 for (int i = 0; i < 4; ++i) {
                     const size_t lane = ((size_t)(r / 2) * G + g) * 8 + 4 * (r % 2) + i;
@@ -611,7 +623,7 @@ int rwkvq_sq_decode(const uint8_t* codes, const uint16_t* scales, const uint8_t*
     if (!s || !z) return free(s), free(z), RWKVQ_NO_MEMORY;
     const int64_t row_bytes = (int64_t)K / SQ_BLOCK * 4 * bits;
     for (int n = 0; n < N; ++n) {
-        row_groups(scales, zeros, n, G, bits, s, z);
+        row_groups_with(halves_scalar, scales, zeros, n, G, bits, s, z);
         decode_row(codes + n * row_bytes, s, z, 0, K, bits, group_size, w + (size_t)n * K);
     }
     free(s), free(z);
