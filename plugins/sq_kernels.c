@@ -7,9 +7,10 @@
  *        unpacks each 32 codes in registers and dots them with up to RWKVQ_SQ_GEMV_MAX_ROWS activation rows; the
  *        GEMM unpacks a panel of W rows once (one byte per weight) and sweeps every activation row over it in tiles
  *        of 2 W rows x 4 activation rows, whose 8 integer block sums are reduced into one vector and scaled by
- *        d[m, a] * s[n, g] with one multiply-add (the inner loop runs over all of K). Portable scalar code, and AVX2 / AVX-VNNI /
- *        AVX-512 VNNI instantiations of sq_simd.inc compiled with target attributes (no -march flag needed),
- *        chosen by the caller's `isa` (rwkvq_dispatch.h); an isa the CPU does not run is refused, never executed.
+ *        d[m, a] * s[n, g] with one multiply-add (the inner loop runs over all of K; the zero points enter at the
+ *        end, one multiply-add per group). Portable scalar code, and AVX2 / AVX-VNNI / AVX-512 VNNI
+ *        instantiations of sq_simd.inc compiled with target attributes (no -march flag needed), chosen by the
+ *        caller's `isa` (rwkvq_dispatch.h); an isa the CPU does not run is refused, never executed.
  *
  * Every exported entry point checks its int arguments in 64-bit arithmetic (rwkvq_sq_check_layout) before
  * forming an index; the buffers must hold what the sizes say (rwkvq_sq_check_payload, checked by the callers).
@@ -459,7 +460,8 @@ static int exact_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
     for (int p = n0; p < n1; p += SQ_PANEL) {
         const int rows = n1 - p < SQ_PANEL ? n1 - p : SQ_PANEL;
         for (int r = 0; r < rows; ++r)
-            row_groups_with(kn->halves, c->scales, c->zeros, p + r, c->G, c->bits, s + (size_t)r * c->G, z + (size_t)r * c->G);
+            row_groups_with(kn->halves, c->scales, c->zeros, p + r, c->G, c->bits, s + (size_t)r * c->G,
+                            z + (size_t)r * c->G);
         for (int k0 = 0; k0 < c->K; k0 += SQ_KC) {
             const int k1 = c->K - k0 < SQ_KC ? c->K : k0 + SQ_KC;
             kn->decode_rows(c->codes + p * c->row_bytes, c->row_bytes, rows, k0 / SQ_BLOCK, k1 / SQ_BLOCK, c->bits, s,
