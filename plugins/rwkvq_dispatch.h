@@ -7,9 +7,9 @@
  * Numerics (per session, onnxruntime session config entry "rwkvq.kernels", read when the op library is
  * registered; the ctypes entry points take it as an argument):
  *   exact  float activations, float accumulation: the reference path (custom ops vs numpy within 1e-5);
- *   fast   activations quantized to int8 per block of 32 (one float scale per block), integer dot products per
- *          block, float accumulation of the block partial sums (as onnxruntime's MatMulNBits accuracy_level 4
- *          and ggml's Q8 activations do).
+ *   fast   activations quantized to int8 per block (one float scale per block: 32 values for VQMatMul,
+ *          gcd(group_size, 128) for SQMatMul, see rwkvq_sq.h), integer dot products per block, float accumulation
+ *          of the block partial sums (as onnxruntime's MatMulNBits accuracy_level 4 and ggml's Q8 activations do).
  * The instruction set is the best this CPU supports unless session config "rwkvq.isa" (or, for processes that
  * do not go through a session, the environment variable RWKVQ_ISA) names another one it supports.
  * Every instruction set above scalar requires AVX2, FMA, BMI1 and BMI2 (the AVX2 kernels use all four). The VNNI

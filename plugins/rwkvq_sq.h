@@ -13,12 +13,18 @@
  *   zeros   uint8   [N, ceil(G * bits / 8)]    the G zero points of a row, `bits` bits each, little-endian bit stream
  *   y       float   [M, N]                     W[n, k] = (code[n, k] - zero[n, g]) * scale[n, g], g = k / group_size
  *
- * Numerics (rwkvq_dispatch.h): exact = float W, float accumulation; fast = x quantized to int8 per block of 32,
- * integer block dot products with the unsigned codes, float accumulation; the zero point enters once per group
- * through the group's sum of the dequantized int8 activations:
- *   y[m, n] = sum_g s[n,g] * (sum_{b in g} d[m,b] * sum_i c[n,32b+i] * q[m,32b+i]  -  z[n,g] * T[m,g]),
- *   T[m, g] = sum_{b in g} d[m,b] * sum_i q[m,32b+i].
- * Every instruction set computes the same integers; results differ only in float summation order.
+ * Numerics (rwkvq_dispatch.h): exact = float W, float accumulation; fast = x quantized to int8 per activation block
+ * of A = gcd(group_size, 128) values (a multiple of 32 dividing the group, so a block never straddles two groups; the
+ * last block of a row may be shorter), d[m,b] = max|x_block| / 127; integer dot products of the unsigned codes with
+ * the int8 activations over the WHOLE block (AVX2: int16 vpmaddubsw sums added with vpaddw over the block's <= 4
+ * sub-blocks of 32, at most 4 * 2 * 15 * 127 = 15240 < 32767 per lane; VNNI: vpdpbusd into int32), then one float
+ * multiply-add per block; the zero point enters once per group through the group's sum of the dequantized int8
+ * activations:
+ *   y[m, n] = sum_g s[n,g] * (sum_{b in g} d[m,b] * sum_{i in b} c[n,i] * q[m,i]  -  z[n,g] * T[m,g]),
+ *   T[m, g] = sum_{b in g} d[m,b] * sum_{i in b} q[m,i].
+ * (A = 128 as onnxruntime's MatMulNBits accuracy_level 4 uses the weight block, ggml's Q8_K 256 values.) Every
+ * instruction set computes the same integers; results differ only in float summation order. numpy:
+ * rwkvq_onnx/opspec/sq_matmul.py (quantize_activations, fast_reference, fast_error_bound).
  */
 #ifndef RWKVQ_SQ_H
 #define RWKVQ_SQ_H

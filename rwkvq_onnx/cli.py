@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=TOKENIZER_HELP)
         q.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
         q.add_argument("--kernels", choices=("fast", "exact"), default="fast",
-                       help="numerics of the native rwkvq ops: fast (int8 activations per block of 32, float "
-                            "accumulation; the default) or exact (float activations, as the reference)")
+                       help="numerics of the native rwkvq ops: fast (int8 activations per block of 32, or of "
+                            "gcd(group size, 128) for SQMatMul; float accumulation; the default) or exact (float "
+                            "activations, as the reference)")
 
     v = sub.add_parser("eval", help="perplexity / bits-per-byte / LAMBADA accuracy",
                        description="Evaluate an exported model: perplexity and bits-per-byte on a text or jsonl "

@@ -7,8 +7,8 @@ GEMM that decodes a small tile of weight rows at a time; `sq_matmul` runs the
 packed scalar kernels of `plugins/sq_kernels.c`.
 
 Every kernel takes a mode (`rwkvq_mode` in plugins/rwkvq_dispatch.h): the
-numerics ("exact" float, or "fast" int8 activations per block of 32 for the
-decode GEMV) and the instruction set ("scalar", "avx2", ...; "auto" is the
+numerics ("exact" float, or "fast" int8 activations: per block of 32 for the
+VQMatMul decode GEMV, of gcd(group_size, 128) for SQMatMul) and the instruction set ("scalar", "avx2", ...; "auto" is the
 best this CPU supports). The library is built for baseline x86-64 and picks
 the AVX2 code at run time.
 """
@@ -250,7 +250,8 @@ def sq_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points:
               kernel: str = "auto") -> np.ndarray:
     """y = x @ W^T for packed scalar W (`opspec.sq_matmul`), float32.
 
-    kernels: "exact" (float, within 1e-5 of the reference) or "fast" (int8 activations per block of 32);
+    kernels: "exact" (float, within 1e-5 of the reference) or "fast" (int8 activations per block of
+    gcd(group_size, 128): `sq_matmul.fast_reference`);
     isa: "auto" (the best this CPU runs) or one of ISAS (ConfigError when this CPU does not run it);
     kernel: "auto" (GEMV up to GEMV_MAX_ROWS activation rows, else GEMM), "gemv" or "gemm" (for tests).
     Without the compiled library: the numpy reference (exact numerics only).

@@ -40,8 +40,8 @@ ISAS = ("auto", "scalar", "avx2", "avxvnni", "avx512vnni")
 def session_options(threads: int | None = None, kernels: str = "exact", isa: str = "auto"):
     """Session options shared by every session the library opens (the rwkvq custom ops registered).
 
-    kernels: "exact" (float activations: the reference numerics) or "fast" (int8 activations per block of 32 in
-    the native SQMatMul kernels and the VQMatMul decode GEMV); isa: "auto" (the RWKVQ_ISA environment variable when it names an instruction
+    kernels: "exact" (float activations: the reference numerics) or "fast" (int8 activations: per block of
+    gcd(group_size, 128) in the native SQMatMul kernels, of 32 in the VQMatMul decode GEMV); isa: "auto" (the RWKVQ_ISA environment variable when it names an instruction
     set this CPU has, else the best it has) or "scalar", "avx2", "avxvnni",
     "avx512vnni". The native library reads both when it is registered, so they are set first; an unknown value or
     an instruction set this CPU lacks fails the registration with one line naming the setting.

@@ -454,8 +454,9 @@ def check_outcomes(mutants: list[Mutant], reports: list[dict], folder: Path) -> 
 
 def _check_sq_ctypes(m: Mutant, key: str, got: np.ndarray) -> None:
     """An SQMatMul ctypes result: decode and exact numerics within 1e-5 of the reference (output scale); fast
-    numerics within the int8 activation bound (per block of 32, |x - d q| <= d/2 with d = max|x| / 127, so
-    |y_fast - y| <= sum_b d_b / 2 * sum_{i in b} |w_i|) plus the same 1e-5 for float rounding."""
+    numerics within the int8 activation bound (`sq_matmul.fast_error_bound`: per activation block of
+    gcd(group_size, 128) values, |x - d q| <= d/2 with d = max|x| / 127, so |y_fast - y| <= sum_b d_b / 2 *
+    sum_{i in b} |w_i|) plus the same 1e-5 for float rounding."""
     inits = [m.inits[k] for k in sq_matmul_spec.INPUTS[1:]]
     if key == "decode":
         assert _sq_matching(m.attrs), f"{m.label}: decoded attributes the reference cannot decode"
@@ -468,10 +469,8 @@ def _check_sq_ctypes(m: Mutant, key: str, got: np.ndarray) -> None:
     slack = 1e-5 * max(float(np.abs(ref).max(initial=0.0)), 1.0)
     bound = np.zeros(ref.shape)
     if kernels == "fast" and ref.size:
-        w = np.abs(sq_matmul_spec.decode_weight(*inits, **m.attrs).astype(np.float64))
-        x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        d = np.abs(x2.reshape(len(x2), -1, 32)).max(axis=2) / 127.0
-        bound = ((d / 2) @ w.reshape(len(w), -1, 32).sum(axis=2).T).reshape(ref.shape)
+        w = sq_matmul_spec.decode_weight(*inits, **m.attrs)
+        bound = sq_matmul_spec.fast_error_bound(x.reshape(-1, x.shape[-1]), w, m.attrs["group_size"]).reshape(ref.shape)
     assert (np.abs(got - ref) <= bound + slack).all(), f"{m.label} ctypes {key}: wrong numbers"
 
 

@@ -14,6 +14,13 @@
 W[n, k] = (code[n, k] - zero[n, k // group_size]) * scale[n, k // group_size].
 Attributes (all INT): K, N, bits (2, 3 or 4), group_size (a multiple of 32).
 
+Fast numerics (session config rwkvq.kernels=fast; plugins/rwkvq_sq.h): each row of x is quantized to int8 per
+activation block of A = gcd(group_size, 128) values (`act_block`: a multiple of 32 that divides the weight group, so a
+block never straddles two groups; 128 for the default group 128; the last block of a row may be shorter):
+d = max|x_block| / 127, q = x / d rounded to nearest even (`quantize_activations`). The kernels then compute
+(d * q) @ W^T with integer block sums (`fast_reference`), so they differ from `reference` by at most
+`fast_error_bound` plus float rounding.
+
 Why this layout (plugins/sq_simd.inc): the 2-bit "crumbs" of a block are one 64-bit word; broadcast to four lanes and
 shifted right by 0, 2, 4, 6 bits, byte i of the result holds weight i in its low two bits (nibbles: two lanes, shifts 0
 and 4), so the AVX2 unpack of a 3-bit block is 3 operations plus 6 for the bit plane, where `bits` bit planes took 18
@@ -22,6 +29,7 @@ weight. `validate` states what the kernels (plugins/sq_kernels.c, ort_ops.c) ass
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,7 +52,8 @@ ATTRIBUTES = ("K", "N", "bits", "group_size")  # all INT (int64 in ONNX)
 INPUTS = ("x", "codes", "scales", "zero_points")
 INPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.uint8))
 OUTPUT_DTYPE = np.dtype(np.float32)
-BLOCK = 32  # weights per bit-plane block (and per int8 activation block of the fast kernels)
+BLOCK = 32  # weights per bit-plane block (and the unit of the fast kernels' int8 activation blocks)
+ACT_BLOCK_MAX = 128  # the fast kernels' activation blocks: gcd(group_size, ACT_BLOCK_MAX) values
 BITS = (2, 3, 4)
 
 
@@ -222,3 +231,62 @@ def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
     return [gs.Node("DequantizeLinear", prefix + "_dequantize", {"axis": 0, "block_size": a.group_size},
                     qdq_constants(q, prefix, np.float32), [weight]),
             gs.Node("MatMul", node.name or prefix, {}, [x, weight], list(node.outputs))]
+
+
+def act_block(group_size: int) -> int:
+    """A: values per int8 activation block of the fast kernels, gcd(group_size, 128) (a multiple of 32 dividing the
+    group: every block's weights share one scale and zero point, so its integer dot product needs no float step)."""
+    return math.gcd(int(group_size), ACT_BLOCK_MAX)
+
+
+def quantize_activations(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fast kernels' activations (rwkvq_sq_quantize, the same bytes): x [M, K] float32 -> q int8 [M, K] and the
+    block scales d float32 [M, ceil(K / A)]: d = max|x_block| / 127 (NaN when the block holds a NaN), q = x / d rounded
+    to nearest even in float32 (0 where x is inf or NaN, or d is 0)."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    a = act_block(group_size)
+    q = np.zeros((m, k), np.int8)
+    d = np.zeros((m, -(-k // a)), np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for b in range(d.shape[1]):
+            xb = x[:, b * a:(b + 1) * a]
+            amax = np.where(np.isnan(xb), np.float32(0), np.abs(xb)).max(axis=1)
+            db = (amax / np.float32(127)).astype(np.float32)
+            v = np.rint(xb / db[:, None]).astype(np.float32)
+            ok = (db[:, None] > 0) & (v >= -127) & (v <= 127)
+            q[:, b * a:(b + 1) * a] = np.where(ok, v, 0).astype(np.int8)
+            d[:, b] = np.where(np.isnan(xb).any(axis=1), np.float32(np.nan), db)
+    return q, d
+
+
+def dequantized_activations(x: np.ndarray, group_size: int) -> np.ndarray:
+    """float64 [M, K]: d * q, the activations the fast kernels multiply W with."""
+    q, d = quantize_activations(x, group_size)
+    return q.astype(np.float64) * np.repeat(d.astype(np.float64), act_block(group_size), axis=1)[:, :q.shape[1]]
+
+
+def fast_reference(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
+                   **attrs: int) -> np.ndarray:
+    """The fast numerics in float64: (d * q) @ W^T, float32 output. The kernels compute the same integer block sums;
+    they differ from this only by float32 rounding of the block and group partial sums (and the zero-point term
+    sum_g s z T, T the group sums of d * q, subtracted at the end)."""
+    a = validate(attrs, codes, scales, zero_points, node="fast reference")
+    w = decode_weight(codes, scales, zero_points, **attrs).astype(np.float64)
+    x = np.asarray(x, np.float32)
+    xq = dequantized_activations(x.reshape(-1, a.K), a.group_size)
+    return (xq @ w.T).astype(np.float32).reshape(*x.shape[:-1], a.N)
+
+
+def fast_error_bound(x: np.ndarray, w: np.ndarray, group_size: int) -> np.ndarray:
+    """[M, N] float64: how far the fast numerics may move y = x @ w^T (x [M, K], w [N, K]) from the exact value.
+    Round to nearest moves each activation by at most half its block's step, |x - d q| <= d / 2 with
+    d = max|x_block| / 127, so |y_fast - y| <= sum over activation blocks b of d_b / 2 * sum_{k in b} |w[n, k]|."""
+    x = np.asarray(x, np.float64)
+    m, k = x.shape
+    a = act_block(group_size)
+    nb = -(-k // a)
+    pad = nb * a - k
+    xa = np.pad(np.abs(x), ((0, 0), (0, pad))).reshape(m, nb, a)
+    wa = np.pad(np.abs(np.asarray(w, np.float64)), ((0, 0), (0, pad))).reshape(len(w), nb, a)
+    return (xa.max(axis=2) / 127.0 / 2) @ wa.sum(axis=2).T
