@@ -263,6 +263,15 @@ static void rows_scalar(const uint8_t* src, int packed, int bits, int MR, const 
     }
 }
 
+/* four consecutive W rows (row stride row_bytes; s, z [4][G]) . one activation row: y[0 .. 4) */
+static void rows4_scalar(const uint8_t* src, int64_t row_bytes, int bits, const float* s, const int* z,
+                         const int8_t* q, const float* d, const float* T, int K, int nb, int sub, int G, int bpg,
+                         float* y) {
+    for (int r = 0; r < 4; ++r)
+        rows_scalar(src + r * row_bytes, 1, bits, 1, s + (size_t)r * G, z + (size_t)r * G, q, d, T, K, nb, sub, G,
+                    bpg, y + r, 1);
+}
+
 static void panel_scalar(const uint8_t* w, int rows, int MR, const float* sp, const float* szp, const int8_t* q,
                          const float* dT, const float* TT, int K, int nb, int sub, int G, int bpg, float* y,
                          int64_t ldy) {
@@ -305,6 +314,8 @@ static void dot_rows_scalar(const float* w, const float* x, int64_t ldx, int MR,
 
 typedef void (*rows_fn)(const uint8_t*, int, int, int, const float*, const int*, const int8_t*, const float*,
                         const float*, int, int, int, int, int, float*, int64_t);
+typedef void (*rows4_fn)(const uint8_t*, int64_t, int, const float*, const int*, const int8_t*, const float*,
+                         const float*, int, int, int, int, int, float*);
 typedef void (*unpack_rows_fn)(const uint8_t*, int64_t, int, int, int, uint8_t*);
 typedef void (*panel_fn)(const uint8_t*, int, int, const float*, const float*, const int8_t*, const float*,
                          const float*, int, int, int, int, int, float*, int64_t);
@@ -316,6 +327,7 @@ typedef void (*dot_rows_fn)(const float*, const float*, int64_t, int, int, float
 /* the kernels of one instruction set */
 typedef struct {
     rows_fn rows;
+    rows4_fn rows4; /* one activation row, four W rows */
     panel_fn panel;
     unpack_rows_fn unpack_rows;
     decode_rows_fn decode_rows;
@@ -371,7 +383,8 @@ typedef struct {
 
 #define SQ_KERNELS(SUFFIX) \
     (Kernels) {                                                                                                    \
-        rows_##SUFFIX, panel_##SUFFIX, unpack_rows_##SUFFIX, decode_rows_##SUFFIX, dot_rows_##SUFFIX, halves_##SUFFIX \
+        rows_##SUFFIX, rows4_##SUFFIX, panel_##SUFFIX, unpack_rows_##SUFFIX, decode_rows_##SUFFIX, dot_rows_##SUFFIX, \
+            halves_##SUFFIX                                                                                        \
     }
 
 /* the kernels of an instruction set; 0 when this build has none for it */
@@ -480,9 +493,17 @@ static int exact_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
 
 /* the fast GEMV: codes unpacked in registers, up to RWKVQ_SQ_GEMV_MAX_ROWS activation rows per pass */
 static int fast_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
-    float* s = (float*)malloc(sizeof(float) * (size_t)c->G);
-    int* z = (int*)malloc(sizeof(int) * (size_t)c->G);
+    float* s = (float*)malloc(sizeof(float) * (size_t)c->G * 4);
+    int* z = (int*)malloc(sizeof(int) * (size_t)c->G * 4);
     int rc = s && z ? RWKVQ_OK : RWKVQ_NO_MEMORY;
+    if (c->M == 1) /* decode: four W rows at a time (independent accumulators, shared activation loads) */
+        for (; n0 + 4 <= n1 && !rc; n0 += 4) {
+            for (int r = 0; r < 4; ++r)
+                row_groups_with(kn->halves, c->scales, c->zeros, n0 + r, c->G, c->bits, s + (size_t)r * c->G,
+                                z + (size_t)r * c->G);
+            kn->rows4(c->codes + n0 * c->row_bytes, c->row_bytes, c->bits, s, z, c->a.q, c->a.d, c->a.T, c->K,
+                      c->anb, c->sub, c->G, c->bpg, c->y + n0);
+        }
     for (int n = n0; n < n1 && !rc; ++n) {
         row_groups_with(kn->halves, c->scales, c->zeros, n, c->G, c->bits, s, z);
         for (int m = 0; m < c->M; m += RWKVQ_SQ_GEMV_MAX_ROWS) {
