@@ -27,6 +27,7 @@ from rwkvq_onnx.runtime import session_options, zero_state
 
 from .conftest import FP32_ATOL, golden_tokens, shared_file
 from .test_wkv7_step import _inputs as _step_inputs
+from .test_wkv7_step import _run  # the two ops take the same inputs by the same names
 
 REL_TOL = 1e-5
 NODE = "wkv_seq_under_test"
@@ -51,14 +52,6 @@ def _one_node_model(op: str, head_size, **attrs) -> onnx.ModelProto:
     graph = helper.make_graph([node], "wkv7_sequence", ins, outs)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10)
-
-
-def _run(model: onnx.ModelProto, feeds: list[np.ndarray], native: bool = True) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    opts = session_options() if native else ort.SessionOptions()
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, dict(zip(wkv7_sequence.INPUTS, feeds)))
 
 
 def _close(got: np.ndarray, ref: np.ndarray) -> None:

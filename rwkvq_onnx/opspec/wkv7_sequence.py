@@ -26,7 +26,7 @@ import numpy as np
 from rwkvq_onnx.names import DOMAIN, OPSET_VERSION  # noqa: F401  (part of the spec: <op>.OPSET_VERSION)
 
 from . import wkv7_step
-from .checks import expect_dtype, fail, int_attr
+from .checks import fail
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -42,14 +42,6 @@ MAX_HEAD_SIZE = wkv7_step.MAX_HEAD_SIZE  # plugins/rwkvq_wkv7.h RWKVQ_WKV7_MAX_H
 Attributes = wkv7_step.Attributes
 
 
-def _static(value: Any) -> tuple[int, ...] | None:
-    """A value's shape when every dimension is a known int, else None (graph tensors with dynamic B or T)."""
-    shape = getattr(value, "shape", None)
-    if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
-
-
 def validate(attrs: Mapping[str, Any], *inputs: Any, node: str, **named: Any) -> Attributes:
     """Check the attributes and whichever inputs are given (anything with .shape and .dtype, or None; shapes
     are checked where static): the state [B, H, N, N], every vector [B, T, H*N] with one B and one T.
@@ -57,20 +49,10 @@ def validate(attrs: Mapping[str, Any], *inputs: Any, node: str, **named: Any) ->
     Inputs come positionally, either all seven or the six after the state (the passes' convention), or by
     name. Returns the checked Attributes; raises a one-line ConfigError naming `node` for the first problem.
     """
-    unknown = sorted(set(attrs) - set(ATTRIBUTES))
-    if unknown:
-        raise fail(node, QUALIFIED, f"unknown attribute(s) {', '.join(unknown)}")
-    if len(inputs) > len(INPUTS) or set(named) - set(INPUTS):
-        raise fail(node, QUALIFIED, f"{len(inputs) + len(named)} inputs given, the op has {len(INPUTS)}")
-    a = Attributes(int_attr(attrs, "head_size", 1, MAX_HEAD_SIZE + 1, node=node, op=QUALIFIED))
+    a, shapes = wkv7_step.checked_inputs(attrs, inputs, named, node=node, op=QUALIFIED)
     N = a.head_size
-    given = dict(zip(INPUTS if len(inputs) == len(INPUTS) else INPUTS[1:], inputs)) | named
     batch = channels = tokens = None
-    for name, value in ((n, given.get(n)) for n in INPUTS):
-        if value is None:
-            continue
-        expect_dtype(value, np.float32, name, node=node, op=QUALIFIED)
-        shape = _static(value)
+    for name, shape in shapes:
         if shape is None:
             continue
         if name == "state":

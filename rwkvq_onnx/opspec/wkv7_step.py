@@ -54,7 +54,7 @@ class Attributes:
         return {"head_size": self.head_size}
 
 
-def _static(value: Any) -> tuple[int, ...] | None:
+def static_shape(value: Any) -> tuple[int, ...] | None:
     """A value's shape when every dimension is a known int, else None (graph tensors with dynamic batch)."""
     shape = getattr(value, "shape", None)
     if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape):
@@ -62,28 +62,39 @@ def _static(value: Any) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape)
 
 
-def validate(attrs: Mapping[str, Any], *inputs: Any, node: str, **named: Any) -> Attributes:
-    """Check the attributes and whichever inputs are given (anything with .shape and .dtype, or None; shapes
-    are checked where static).
+def checked_inputs(attrs: Mapping[str, Any], inputs: tuple, named: Mapping[str, Any], *, node: str,
+                   op: str) -> tuple[Attributes, list[tuple[str, tuple[int, ...] | None]]]:
+    """What validation of the recurrence ops (this one and WKV7Sequence, same attributes and inputs) shares:
+    attribute names, the input count, head_size, float32 inputs; the checked Attributes and each given input's
+    (name, static shape or None), in INPUTS order.
 
     Inputs come positionally, either all seven or the six after the state (the passes' convention: the
-    inputs after the first), or by name (r=..., as the TensorRT preparation passes them). Returns the checked
-    Attributes; raises a one-line ConfigError naming `node` for the first problem.
-    """
+    inputs after the first), or by name (r=..., as the TensorRT preparation passes them)."""
     unknown = sorted(set(attrs) - set(ATTRIBUTES))
     if unknown:
-        raise fail(node, QUALIFIED, f"unknown attribute(s) {', '.join(unknown)}")
+        raise fail(node, op, f"unknown attribute(s) {', '.join(unknown)}")
     if len(inputs) > len(INPUTS) or set(named) - set(INPUTS):
-        raise fail(node, QUALIFIED, f"{len(inputs) + len(named)} inputs given, the op has {len(INPUTS)}")
-    a = Attributes(int_attr(attrs, "head_size", 1, MAX_HEAD_SIZE + 1, node=node, op=QUALIFIED))
+        raise fail(node, op, f"{len(inputs) + len(named)} inputs given, the op has {len(INPUTS)}")
+    a = Attributes(int_attr(attrs, "head_size", 1, MAX_HEAD_SIZE + 1, node=node, op=op))
+    given = dict(zip(INPUTS if len(inputs) == len(INPUTS) else INPUTS[1:], inputs)) | dict(named)
+    shapes = []
+    for name in INPUTS:
+        if given.get(name) is not None:
+            expect_dtype(given[name], np.float32, name, node=node, op=op)
+            shapes.append((name, static_shape(given[name])))
+    return a, shapes
+
+
+def validate(attrs: Mapping[str, Any], *inputs: Any, node: str, **named: Any) -> Attributes:
+    """Check the attributes and whichever inputs are given (anything with .shape and .dtype, or None; shapes
+    are checked where static): the state [B, H, N, N], every vector [B, H*N] (see `checked_inputs` for how
+    inputs are given). Returns the checked Attributes; raises a one-line ConfigError naming `node` for the
+    first problem.
+    """
+    a, shapes = checked_inputs(attrs, inputs, named, node=node, op=QUALIFIED)
     N = a.head_size
-    given = dict(zip(INPUTS if len(inputs) == len(INPUTS) else INPUTS[1:], inputs)) | named
     channels = None
-    for name, value in ((n, given.get(n)) for n in INPUTS):
-        if value is None:
-            continue
-        expect_dtype(value, np.float32, name, node=node, op=QUALIFIED)
-        shape = _static(value)
+    for name, shape in shapes:
         if shape is None:
             continue
         if name == "state":
