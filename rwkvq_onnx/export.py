@@ -404,12 +404,12 @@ def pair_identity(model: onnx.ModelProto) -> str:
     """A digest of a graph's weights, equal for the sequence and step graphs of one model.
 
     Both graphs of an export or a quantization hold the same weights under the
-    same names; only the small constants the graph builder adds differ and are
-    left out. A digest (not a random id) keeps identical runs byte-identical.
+    same names; only the small constants the graph builder adds (and the
+    sequence graph's `logits_from` default) differ and are left out. A digest (not a random id) keeps identical runs byte-identical.
     """
     h = hashlib.sha256()  # hardware-accelerated on current CPUs: about twice blake2b's speed here
     for t in sorted(model.graph.initializer, key=lambda t: t.name):
-        if _BUILDER_CONSTANT.fullmatch(t.name):
+        if _BUILDER_CONSTANT.fullmatch(t.name) or t.name == LOGITS_FROM:  # the sequence graph's alone
             continue
         h.update(f"{t.name}\0{t.data_type}\0{list(t.dims)}\0".encode())
         h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString())
