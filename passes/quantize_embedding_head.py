@@ -28,12 +28,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from rwkvq_onnx.errors import ConfigError
-from rwkvq_onnx.names import EMBEDDING, HEAD
+from rwkvq_onnx.names import DOMAIN, EMBEDDING, HEAD, OPSET_VERSION
+from rwkvq_onnx.opspec import sq_matmul
 from rwkvq_onnx.quant import ScalarConfig
 from rwkvq_onnx.quant.scalar import rtn_quantize
-
-from rwkvq_onnx.names import DOMAIN, OPSET_VERSION
-from rwkvq_onnx.opspec import sq_matmul
 
 from .base import Pass, PassResult, is_float16, replace_nodes
 from .rewrite_scalar import matmulnbits_constants, sqmatmul_nodes
@@ -98,12 +96,12 @@ class QuantizeEmbeddingHead(Pass):
                 result.count("embedding")
             elif self.head_bits and node.op == "MatMul" and weight.name == HEAD:
                 q = self._head_rtn(weight)
-                why_not = sq_matmul.unsupported(q) if self.head_as_sqmatmul else "head format matmulnbits"
-                if why_not is None:
+                why_not = sq_matmul.unsupported(q) if self.head_as_sqmatmul else None
+                if self.head_as_sqmatmul and why_not is None:
                     replacements.append((node, sqmatmul_nodes(q, HEAD, node, node.inputs[0], node.outputs[0])))
                     result.count("head_sq")
                     continue
-                if self.head_as_sqmatmul:
+                if why_not is not None:
                     result.skipped[HEAD] = f"{why_not}: MatMulNBits instead"
                 head_constants = head_constants or matmulnbits_constants(q, HEAD, weight.values.dtype)
                 k, n = weight.shape
