@@ -55,9 +55,7 @@ def validate(attrs: Mapping[str, Any], *inputs: Any, node: str, **named: Any) ->
     for name, shape in shapes:
         if shape is None:
             continue
-        if name == "state":
-            if len(shape) != 4 or shape[1] < 1 or shape[2:] != (N, N):
-                raise fail(node, QUALIFIED, f"input state has shape {list(shape)}, expected [B, H, {N}, {N}]")
+        if name == "state":  # its shape checked by wkv7_step.checked_inputs
             batch, channels = shape[0], shape[1] * N
             continue
         if (len(shape) != 3 or shape[2] % N or shape[2] < 1 or (channels is not None and shape[2] != channels)

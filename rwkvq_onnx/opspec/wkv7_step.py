@@ -65,7 +65,8 @@ def static_shape(value: Any) -> tuple[int, ...] | None:
 def checked_inputs(attrs: Mapping[str, Any], inputs: tuple, named: Mapping[str, Any], *, node: str,
                    op: str) -> tuple[Attributes, list[tuple[str, tuple[int, ...] | None]]]:
     """What validation of the recurrence ops (this one and WKV7Sequence, same attributes and inputs) shares:
-    attribute names, the input count, head_size, float32 inputs; the checked Attributes and each given input's
+    attribute names, the input count, head_size, float32 inputs, the state [B, H, N, N]; the checked Attributes
+    and each given input's
     (name, static shape or None), in INPUTS order.
 
     Inputs come positionally, either all seven or the six after the state (the passes' convention: the
@@ -77,11 +78,15 @@ def checked_inputs(attrs: Mapping[str, Any], inputs: tuple, named: Mapping[str, 
         raise fail(node, op, f"{len(inputs) + len(named)} inputs given, the op has {len(INPUTS)}")
     a = Attributes(int_attr(attrs, "head_size", 1, MAX_HEAD_SIZE + 1, node=node, op=op))
     given = dict(zip(INPUTS if len(inputs) == len(INPUTS) else INPUTS[1:], inputs)) | dict(named)
-    shapes = []
+    N, shapes = a.head_size, []
     for name in INPUTS:
-        if given.get(name) is not None:
-            expect_dtype(given[name], np.float32, name, node=node, op=op)
-            shapes.append((name, static_shape(given[name])))
+        if given.get(name) is None:
+            continue
+        expect_dtype(given[name], np.float32, name, node=node, op=op)
+        shape = static_shape(given[name])
+        if name == "state" and shape is not None and (len(shape) != 4 or shape[1] < 1 or shape[2:] != (N, N)):
+            raise fail(node, op, f"input state has shape {list(shape)}, expected [B, H, {N}, {N}]")
+        shapes.append((name, shape))
     return a, shapes
 
 
@@ -97,9 +102,7 @@ def validate(attrs: Mapping[str, Any], *inputs: Any, node: str, **named: Any) ->
     for name, shape in shapes:
         if shape is None:
             continue
-        if name == "state":
-            if len(shape) != 4 or shape[1] < 1 or shape[2:] != (N, N):
-                raise fail(node, QUALIFIED, f"input state has shape {list(shape)}, expected [B, H, {N}, {N}]")
+        if name == "state":  # its shape checked by checked_inputs
             channels = shape[1] * N
         elif len(shape) != 2 or shape[1] % N or (channels is not None and shape[1] != channels):
             raise fail(node, QUALIFIED, f"input {name} has shape {list(shape)}, expected [B, H*{N}]")
