@@ -116,16 +116,35 @@ static void halves_scalar(const uint16_t* h, int n, float* f) {
 
 typedef void (*halves_fn)(const uint16_t*, int, float*);
 
-/* the G zero points of one row (a little-endian stream of `bits`-bit values, ceil(G * bits / 8) bytes): up to
- * eight bytes at a time in one word, then shifts (reading one or two bytes per value was ~6% of a 0.1B
- * decode) */
+/* eight bytes of a little-endian stream as one word */
+static inline uint64_t load_le64(const uint8_t* p) {
+    uint64_t word = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(&word, p, 8);
+#else
+    for (int i = 0; i < 8; ++i) word |= (uint64_t)p[i] << (8 * i);
+#endif
+    return word;
+}
+
+/* the G zero points of one row (a little-endian stream of `bits`-bit values, ceil(G * bits / 8) bytes): nibbles
+ * directly; otherwise eight bytes at a time in one word, then shifts, the stream's last bytes one by one (reading
+ * one or two bytes per value was ~6% of a 0.1B decode, a byte loop per word ~7% with the 4-bit head) */
 static void zero_points(const uint8_t* zrow, int G, int bits, int* z) {
+    if (bits == 4) {
+        for (int g = 0; g + 1 < G; g += 2) z[g] = zrow[g / 2] & 0x0f, z[g + 1] = zrow[g / 2] >> 4;
+        if (G & 1) z[G - 1] = zrow[G / 2] & 0x0f;
+        return;
+    }
     const int64_t nbytes = ceil_div((int64_t)G * bits, 8);
     const unsigned mask = (1u << bits) - 1;
     for (int g = 0; g < G;) {
         const int64_t byte = (int64_t)g * bits >> 3;
         uint64_t word = 0;
-        for (int64_t i = 0; i < 8 && byte + i < nbytes; ++i) word |= (uint64_t)zrow[byte + i] << (8 * i);
+        if (byte + 8 <= nbytes)
+            word = load_le64(zrow + byte);
+        else
+            for (int64_t i = 0; byte + i < nbytes; ++i) word |= (uint64_t)zrow[byte + i] << (8 * i);
         for (int shift = (int)((int64_t)g * bits - 8 * byte); g < G && shift + bits <= 64; ++g, shift += bits)
             z[g] = (int)((word >> shift) & mask);
     }
@@ -508,10 +527,12 @@ static int fast_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
             /* the four rows' scales are contiguous: one conversion for all of them (per row, the call and its
              * tail handling were ~15% of the 0.1B head's GEMV) */
             kn->halves(c->scales + (size_t)n0 * c->G, 4 * c->G, s);
-            for (int r = 0; r < 4; ++r) {
-                const uint8_t* zrow = c->zeros + (size_t)(n0 + r) * (size_t)ceil_div((int64_t)c->G * c->bits, 8);
-                zero_points(zrow, c->G, c->bits, z + (size_t)r * c->G);
-            }
+            const int64_t zbytes = ceil_div((int64_t)c->G * c->bits, 8);
+            if ((int64_t)c->G * c->bits % 8 == 0) /* no padding bits: the four rows' streams are one stream */
+                zero_points(c->zeros + (size_t)n0 * (size_t)zbytes, 4 * c->G, c->bits, z);
+            else
+                for (int r = 0; r < 4; ++r)
+                    zero_points(c->zeros + (size_t)(n0 + r) * (size_t)zbytes, c->G, c->bits, z + (size_t)r * c->G);
             kn->rows4(c->codes + n0 * c->row_bytes, c->row_bytes, c->bits, s, z, c->a.q, c->a.d, c->a.T, c->K,
                       c->anb, c->sub, c->G, c->bpg, c->y + n0);
         }

@@ -222,7 +222,9 @@ def test_this_build_runs_the_scalar_kernels_and_refuses_what_the_cpu_lacks():
 
 
 # (N, K, bits, group_size) with activation blocks of 64 + a last one of 32, 32 (group 96), and 128 + 128 + 64
-FAST_SHAPES = [*SHAPES, (20, 192, 4, 96)]
+# 4-bit with an odd number of groups (a row's last zero-point byte half used), and 2-bit rows whose zero-point
+# streams have no padding bits (the decode GEMV reads four rows' streams as one)
+FAST_SHAPES = [*SHAPES, (20, 192, 4, 96), (41, 96, 4, 32), (38, 512, 2, 64)]
 
 
 @pytest.mark.parametrize("shape", FAST_SHAPES)
