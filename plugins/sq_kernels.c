@@ -290,25 +290,23 @@ static void rows_scalar(const uint8_t* src, int packed, int bits, int MR, const 
     }
 }
 
-/* four consecutive W rows (row stride row_bytes; s [4][G]) . one activation row, without the zero points:
- * y[0 .. 4) */
-static void rows4_scalar(const uint8_t* src, int64_t row_bytes, int bits, const float* s, const int8_t* q,
-                         const float* d, int K, int nb, int sub, int G, int bpg, float* y) {
-    for (int r = 0; r < 4; ++r)
+/* four consecutive W rows (row stride row_bytes; s [4][G]; zrows[r]: row r's zero-point stream) . one activation
+ * row: y[0 .. 4) */
+static void rows4_scalar(const uint8_t* src, int64_t row_bytes, int bits, const float* s, const uint8_t* const* zrows,
+                         const int8_t* q, const float* d, const float* T, int K, int nb, int sub, int G, int bpg,
+                         float* y) {
+    int z[64];
+    for (int r = 0; r < 4; ++r) {
         rows_scalar(src + r * row_bytes, 1, bits, 1, s + (size_t)r * G, NULL, q, d, NULL, K, nb, sub, G, bpg, y + r,
                     1);
-}
-
-/* sum_g s[g] z[g] T[g] over one W row's groups, z read from its packed stream (64 zero points at a time) */
-static float zero_corr_scalar(const uint8_t* zrow, int bits, const float* s, const float* T, int G) {
-    int z[64];
-    float corr = 0.0f;
-    for (int g0 = 0; g0 < G; g0 += 64) { /* 64 values end on a byte: the next chunk starts at byte 8 * bits */
-        const int n = G - g0 < 64 ? G - g0 : 64;
-        zero_points(zrow + (size_t)(g0 / 64) * 8 * bits, n, bits, z);
-        for (int g = 0; g < n; ++g) corr += s[g0 + g] * (float)z[g] * T[g0 + g];
+        float corr = 0.0f;
+        for (int g0 = 0; g0 < G; g0 += 64) { /* 64 values end on a byte: the next chunk starts at byte 8 * bits */
+            const int n = G - g0 < 64 ? G - g0 : 64;
+            zero_points(zrows[r] + (size_t)(g0 / 64) * 8 * bits, n, bits, z);
+            for (int g = 0; g < n; ++g) corr += s[(size_t)r * G + g0 + g] * (float)z[g] * T[g0 + g];
+        }
+        y[r] -= corr;
     }
-    return corr;
 }
 
 static void panel_scalar(const uint8_t* w, int rows, int MR, const float* sp, const float* szp, const int8_t* q,
@@ -353,9 +351,8 @@ static void dot_rows_scalar(const float* w, const float* x, int64_t ldx, int MR,
 
 typedef void (*rows_fn)(const uint8_t*, int, int, int, const float*, const int*, const int8_t*, const float*,
                         const float*, int, int, int, int, int, float*, int64_t);
-typedef void (*rows4_fn)(const uint8_t*, int64_t, int, const float*, const int8_t*, const float*, int, int, int,
-                         int, int, float*);
-typedef float (*zero_corr_fn)(const uint8_t*, int, const float*, const float*, int);
+typedef void (*rows4_fn)(const uint8_t*, int64_t, int, const float*, const uint8_t* const*, const int8_t*,
+                         const float*, const float*, int, int, int, int, int, float*);
 typedef void (*unpack_rows_fn)(const uint8_t*, int64_t, int, int, int, uint8_t*);
 typedef void (*panel_fn)(const uint8_t*, int, int, const float*, const float*, const int8_t*, const float*,
                          const float*, int, int, int, int, int, float*, int64_t);
@@ -367,8 +364,7 @@ typedef void (*dot_rows_fn)(const float*, const float*, int64_t, int, int, float
 /* the kernels of one instruction set */
 typedef struct {
     rows_fn rows;
-    rows4_fn rows4;         /* one activation row, four W rows, without the zero points */
-    zero_corr_fn zero_corr; /* one W row's zero-point term (rows4's rows subtract it) */
+    rows4_fn rows4; /* one activation row, four W rows */
     panel_fn panel;
     unpack_rows_fn unpack_rows;
     decode_rows_fn decode_rows;
@@ -424,8 +420,8 @@ typedef struct {
 
 #define SQ_KERNELS(SUFFIX) \
     (Kernels) {                                                                                                    \
-        rows_##SUFFIX, rows4_##SUFFIX, zero_corr_##SUFFIX, panel_##SUFFIX, unpack_rows_##SUFFIX,                    \
-            decode_rows_##SUFFIX, dot_rows_##SUFFIX, halves_##SUFFIX                                               \
+        rows_##SUFFIX, rows4_##SUFFIX, panel_##SUFFIX, unpack_rows_##SUFFIX, decode_rows_##SUFFIX, dot_rows_##SUFFIX, \
+            halves_##SUFFIX                                                                                        \
     }
 
 /* the kernels of an instruction set; 0 when this build has none for it */
@@ -535,26 +531,27 @@ static int exact_gemm(const Call* c, const Kernels* kn, int n0, int n1) {
 /* the fast GEMV: codes unpacked in registers, up to RWKVQ_SQ_GEMV_MAX_ROWS activation rows per pass */
 static int fast_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
     const int64_t zbytes = ceil_div((int64_t)c->G * c->bits, 8);
-    /* zero_corr reads 8 bytes from each group of 8's first byte: up to `reach` bytes from a row's start; a row
-     * whose reach passes the end of the zero-point tensor is read from a padded copy */
+    /* rows4 reads 8 bytes from each group of 8's first zero-point byte: up to `reach` bytes from a row's start; a
+     * row whose reach passes the end of the zero-point tensor is read from a padded copy (one per row of four) */
     const int64_t reach = (int64_t)((c->G - 1) / 8) * c->bits + 8;
     float* s = (float*)malloc(sizeof(float) * (size_t)c->G * 4);
     int* z = (int*)malloc(sizeof(int) * (size_t)c->G * 4);
-    uint8_t* padded = (uint8_t*)calloc((size_t)(zbytes + 8), 1);
+    uint8_t* padded = (uint8_t*)calloc(4 * (size_t)(zbytes + 8), 1);
     int rc = s && z && padded ? RWKVQ_OK : RWKVQ_NO_MEMORY;
     if (c->M == 1) /* decode: four W rows at a time (independent accumulators, shared activation loads) */
         for (; n0 + 4 <= n1 && !rc; n0 += 4) {
             /* the four rows' scales are contiguous: one conversion for all of them (per row, the call and its
              * tail handling were ~15% of the 0.1B head's GEMV) */
             kn->halves(c->scales + (size_t)n0 * c->G, 4 * c->G, s);
-            kn->rows4(c->codes + n0 * c->row_bytes, c->row_bytes, c->bits, s, c->a.q, c->a.d, c->K, c->anb, c->sub,
-                      c->G, c->bpg, c->y + n0);
+            const uint8_t* zrows[4];
             for (int r = 0; r < 4; ++r) {
-                const uint8_t* zrow = c->zeros + (size_t)(n0 + r) * (size_t)zbytes;
+                zrows[r] = c->zeros + (size_t)(n0 + r) * (size_t)zbytes;
                 if ((int64_t)(n0 + r) * zbytes + reach > (int64_t)c->N * zbytes)
-                    zrow = (const uint8_t*)memcpy(padded, zrow, (size_t)zbytes);
-                c->y[n0 + r] -= kn->zero_corr(zrow, c->bits, s + (size_t)r * c->G, c->a.T, c->G);
+                    zrows[r] = (const uint8_t*)memcpy(padded + (size_t)r * (size_t)(zbytes + 8), zrows[r],
+                                                      (size_t)zbytes);
             }
+            kn->rows4(c->codes + n0 * c->row_bytes, c->row_bytes, c->bits, s, zrows, c->a.q, c->a.d, c->a.T, c->K,
+                      c->anb, c->sub, c->G, c->bpg, c->y + n0);
         }
     for (int n = n0; n < n1 && !rc; ++n) {
         row_groups_with(kn->halves, c->scales, c->zeros, n, c->G, c->bits, s, z);
