@@ -33,7 +33,7 @@
 #define SQ_X86 0
 #endif
 
-enum { SQ_BLOCK = 32, SQ_ACT_BLOCK_MAX = 128, SQ_PANEL = 16, SQ_KC = 512, SQ_MAX_CHUNKS = 64 };
+enum { SQ_BLOCK = 32, SQ_ACT_BLOCK_MAX = 128, SQ_PANEL = 16, SQ_KC = 512, SQ_MAX_CHUNKS = 64, SQ_STACK_GROUPS = 64 };
 enum { SQ_PATH_AUTO = 0, SQ_PATH_GEMV = 1, SQ_PATH_GEMM = 2 };
 
 /* ---- validation (64-bit arithmetic, before any size is narrowed to int) ----------------------------------- */
@@ -534,10 +534,17 @@ static int fast_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
     /* rows4 reads 8 bytes from each group of 8's first zero-point byte: up to `reach` bytes from a row's start; a
      * row whose reach passes the end of the zero-point tensor is read from a padded copy (one per row of four) */
     const int64_t reach = (int64_t)((c->G - 1) / 8) * c->bits + 8;
-    float* s = (float*)malloc(sizeof(float) * (size_t)c->G * 4);
-    int* z = (int*)malloc(sizeof(int) * (size_t)c->G * 4);
-    uint8_t* padded = (uint8_t*)calloc(4 * (size_t)(zbytes + 8), 1);
+    /* a decoded token runs thousands of these pieces: up to SQ_STACK_GROUPS groups, the buffers live on the stack
+     * instead of three heap allocations per piece */
+    float s_stack[4 * SQ_STACK_GROUPS];
+    int z_stack[4 * SQ_STACK_GROUPS];
+    uint8_t padded_stack[4 * (SQ_STACK_GROUPS / 2 + 8)];
+    const int small = c->G <= SQ_STACK_GROUPS;
+    float* s = small ? s_stack : (float*)malloc(sizeof(float) * (size_t)c->G * 4);
+    int* z = small ? z_stack : (int*)malloc(sizeof(int) * (size_t)c->G * 4);
+    uint8_t* padded = small ? padded_stack : (uint8_t*)malloc(4 * (size_t)(zbytes + 8));
     int rc = s && z && padded ? RWKVQ_OK : RWKVQ_NO_MEMORY;
+    if (padded) memset(padded, 0, 4 * (size_t)(zbytes + 8)); /* the bytes past a copied stream: read, masked */
     if (c->M == 1) /* decode: four W rows at a time (independent accumulators, shared activation loads) */
         for (; n0 + 4 <= n1 && !rc; n0 += 4) {
             /* the four rows' scales are contiguous: one conversion for all of them (per row, the call and its
@@ -562,7 +569,7 @@ static int fast_gemv(const Call* c, const Kernels* kn, int n0, int n1) {
                      c->y + (size_t)m * c->N + n, c->N);
         }
     }
-    free(s), free(z), free(padded);
+    if (!small) free(s), free(z), free(padded);
     return rc;
 }
 
