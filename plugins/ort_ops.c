@@ -633,12 +633,15 @@ static OrtStatus* sq_matmul_compute(void* kernel, void* ctx) {
 /* rwkvq.WKV7Step(state, r, w, k, v, a, b) -> (y, new_state): one RWKV-7 recurrence step for every head
  * (rwkvq_onnx/opspec/wkv7_step.py), vectors [B, C]; rwkvq.WKV7Sequence: the same inputs with vectors [B, T, C],
  * T steps from the state (rwkvq_onnx/opspec/wkv7_sequence.py). Their own ABI structs: two outputs, seven inputs.
- * Both run one piece per (batch row, head) on onnxruntime's intra-op pool; a sequence piece runs its T tokens. */
+ * Both run one piece per (batch row, head) on onnxruntime's intra-op pool; a sequence piece runs its T tokens.
+ * WKV7Step's optional `layer` attribute: the state input is every layer's [L, B, H, N, N] and the op reads
+ * state[layer] in place (the step graph then needs no Split copying each layer's state out per token). */
 
 typedef struct {
     const OrtFn* api;
     KernelContextParallelForFn parallel_for;
     int64_t head_size;
+    int64_t layer; /* WKV7Step's optional attribute: the state is [L, B, H, N, N], read at [layer]; -1 without */
     NodeLabel node;
 } WKV7Kernel;
 
@@ -657,22 +660,32 @@ static int wkv7_run(const WKV7Job* j, int64_t first, int64_t count) {
 
 static void wkv7_piece(void* data, size_t i) { wkv7_run((const WKV7Job*)data, (int64_t)i, 1); }
 
-static OrtStatus* wkv7_create(const OrtFn* api, const void* info, const char* op, void** kernel) {
-    WKV7Kernel k = {api, parallel_for_api, 0, {""}};
+static OrtStatus* wkv7_create(const OrtFn* api, const void* info, const char* op, int layered, void** kernel) {
+    WKV7Kernel k = {api, parallel_for_api, 0, -1, {""}};
     node_label(api, info, op, &k.node);
     TRY(attr_int(api, &k.node, info, "head_size", &k.head_size));
     if (k.head_size < 1 || k.head_size > RWKVQ_WKV7_MAX_HEAD)
         return refusef(api, &k.node, "attribute head_size=%lld is outside [1, %lld]", (long long)k.head_size,
                        RWKVQ_WKV7_MAX_HEAD);
+    if (layered) { /* optional: absent leaves -1 */
+        OrtStatus* st = API(api, ORT_KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "layer",
+                                                                                                  &k.layer);
+        if (st) release(api, st), k.layer = -1;
+        else if (k.layer < 0) {
+            char problem[96];
+            snprintf(problem, sizeof problem, "attribute layer=%lld is negative", (long long)k.layer);
+            return refuse(api, ORT_INVALID_ARGUMENT, &k.node, problem);
+        }
+    }
     return keep_kernel(api, &k.node, &k, sizeof k, kernel);
 }
 static OrtStatus* wkv7_step_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
     (void)op;
-    return wkv7_create(api, info, "rwkvq.WKV7Step", kernel);
+    return wkv7_create(api, info, "rwkvq.WKV7Step", 1, kernel);
 }
 static OrtStatus* wkv7_sequence_create(const OrtCustomOpABI* op, const OrtFn* api, const void* info, void** kernel) {
     (void)op;
-    return wkv7_create(api, info, "rwkvq.WKV7Sequence", kernel);
+    return wkv7_create(api, info, "rwkvq.WKV7Sequence", 0, kernel);
 }
 
 /* Inputs read and checked (the state, then every vector against it: [B, C] for a step, [B, T, C] with one T for
@@ -683,9 +696,13 @@ static OrtStatus* wkv7_compute(const WKV7Kernel* k, void* ctx, int sequence) {
     Tensor t[7];
     for (int i = 0; i < 7; ++i) TRY(input(api, &k->node, ctx, (size_t)i, names[i], T_FLOAT, &t[i]));
     char problem[320];
-    int64_t B = 0, H = 0, T = -1;
-    if (rwkvq_wkv7_check_state(k->head_size, (int)t[0].rank, t[0].dims, &B, &H, problem, sizeof problem))
+    int64_t B = 0, H = 0, T = -1, offset = 0;
+    if (k->layer >= 0 ? rwkvq_wkv7_check_layered_state(k->head_size, k->layer, (int)t[0].rank, t[0].dims, &B, &H,
+                                                       &offset, problem, sizeof problem)
+                      : rwkvq_wkv7_check_state(k->head_size, (int)t[0].rank, t[0].dims, &B, &H, problem,
+                                               sizeof problem))
         return refuse(api, ORT_INVALID_ARGUMENT, &k->node, problem);
+    const int64_t* state_dims = t[0].dims + (k->layer >= 0); /* one layer's [B, H, N, N] */
     const int64_t C = H * k->head_size; /* checked: below 2^31 */
     for (int i = 1; i < 7; ++i)
         if (sequence ? rwkvq_wkv7_check_sequence(names[i], B, C, (int)t[i].rank, t[i].dims, &T, problem,
@@ -695,9 +712,9 @@ static OrtStatus* wkv7_compute(const WKV7Kernel* k, void* ctx, int sequence) {
     const int64_t y_dims[3] = {B, sequence ? T : C, C}; /* [B, T, C], or [B, C] for a step */
     float *y = NULL, *new_state = NULL;
     TRY(output(api, ctx, 0, y_dims, sequence ? 3 : 2, &y));
-    TRY(output(api, ctx, 1, t[0].dims, 4, &new_state));
+    TRY(output(api, ctx, 1, state_dims, 4, &new_state));
     if (B == 0) return NULL;
-    WKV7Job job = {(const float*)t[0].data, (const float*)t[1].data, (const float*)t[2].data,
+    WKV7Job job = {(const float*)t[0].data + offset, (const float*)t[1].data, (const float*)t[2].data,
                    (const float*)t[3].data, (const float*)t[4].data, (const float*)t[5].data,
                    (const float*)t[6].data, y, new_state, T, H, k->head_size};
     const int64_t heads = B * H;

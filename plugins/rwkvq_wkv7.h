@@ -13,6 +13,11 @@
  * B * H * N * N and C = H * N within the kernel's ranges. Writes B and H; NULL or a one-line reason in msg. */
 const char* rwkvq_wkv7_check_state(int64_t head_size, int rank, const int64_t* dims, int64_t* batch,
                                    int64_t* heads, char* msg, size_t cap);
+/* WKV7Step with its `layer` attribute: the state input holds every layer's state, [L, B, H, N, N], and the op
+ * reads state[layer]. Checks 0 <= layer < L and the [B, H, N, N] of one layer as rwkvq_wkv7_check_state (all in
+ * 64-bit arithmetic); writes B, H and *offset, the element offset of state[layer]. NULL or a one-line reason. */
+const char* rwkvq_wkv7_check_layered_state(int64_t head_size, int64_t layer, int rank, const int64_t* dims,
+                                           int64_t* batch, int64_t* heads, int64_t* offset, char* msg, size_t cap);
 /* A per-token input (r, w, k, v, a, b), named `what`: [B, C] with C = heads * head_size. */
 const char* rwkvq_wkv7_check_vector(const char* what, int64_t batch, int64_t channels, int rank,
                                     const int64_t* dims, char* msg, size_t cap);

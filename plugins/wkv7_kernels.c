@@ -39,6 +39,31 @@ const char* rwkvq_wkv7_check_state(int64_t head_size, int rank, const int64_t* d
     return NULL;
 }
 
+const char* rwkvq_wkv7_check_layered_state(int64_t head_size, int64_t layer, int rank, const int64_t* dims,
+                                           int64_t* batch, int64_t* heads, int64_t* offset, char* msg, size_t cap) {
+    if (rank != 5) {
+        snprintf(msg, cap, "the state has rank %d, expected 5 ([L, B, H, N, N]: every layer's, attribute layer=%lld)",
+                 rank, (long long)layer);
+        return msg;
+    }
+    if (layer < 0 || layer >= dims[0]) {
+        snprintf(msg, cap, "attribute layer=%lld is outside the state's %lld layers", (long long)layer,
+                 (long long)dims[0]);
+        return msg;
+    }
+    if (rwkvq_wkv7_check_state(head_size, 4, dims + 1, batch, heads, msg, cap)) return msg;
+    int64_t per_layer, total;
+    /* one layer is below LIMIT_ELEMENTS (checked above); the whole tensor exists, but its size is checked too */
+    if (__builtin_mul_overflow(*batch * *heads, head_size * head_size, &per_layer) ||
+        __builtin_mul_overflow(per_layer, dims[0], &total)) {
+        snprintf(msg, cap, "the state [%lld, %lld, %lld, %lld, %lld] is too large", (long long)dims[0],
+                 (long long)dims[1], (long long)dims[2], (long long)dims[3], (long long)dims[4]);
+        return msg;
+    }
+    *offset = per_layer * layer;
+    return NULL;
+}
+
 const char* rwkvq_wkv7_check_vector(const char* what, int64_t batch, int64_t channels, int rank,
                                     const int64_t* dims, char* msg, size_t cap) {
     if (rank != 2 || dims[0] != batch || dims[1] != channels) {

@@ -53,9 +53,12 @@ def register_python_ops() -> str:
             return sq_matmul.reference(x, codes, scales, zero_points, **{k: int(v) for k, v in attrs.items()})
 
         @onnx_op(op_type=f"{DOMAIN}::{wkv7_step.OP_TYPE}", inputs=[T.dt_float] * len(wkv7_step.INPUTS),
-                 outputs=[T.dt_float] * len(wkv7_step.OUTPUTS), attrs={"head_size": T.dt_int64})
+                 outputs=[T.dt_float] * len(wkv7_step.OUTPUTS), attrs={"head_size": T.dt_int64, "layer": T.dt_int64})
         def run_wkv7_step(state, r, w, k, v, a, b, **attrs):
-            return wkv7_step.reference(state, r, w, k, v, a, b, head_size=int(attrs["head_size"]))
+            # onnxruntime-extensions passes a declared attribute the node lacks as 0: a [B, H, N, N] state (rank
+            # 4) has no layer to read
+            layer = {"layer": int(attrs["layer"])} if "layer" in attrs and np.ndim(state) == 5 else {}
+            return wkv7_step.reference(state, r, w, k, v, a, b, head_size=int(attrs["head_size"]), **layer)
 
         @onnx_op(op_type=f"{DOMAIN}::{wkv7_sequence.OP_TYPE}", inputs=[T.dt_float] * len(wkv7_sequence.INPUTS),
                  outputs=[T.dt_float] * len(wkv7_sequence.OUTPUTS), attrs={"head_size": T.dt_int64})

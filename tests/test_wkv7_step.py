@@ -104,6 +104,53 @@ def test_native_op_takes_an_empty_batch():
     assert y.shape == (0, 8) and s.shape == (0, 2, 4, 4)
 
 
+def _stacked(rng: np.random.Generator, L: int, layer: int, feeds: list[np.ndarray]) -> list[np.ndarray]:
+    """`feeds` with its state as layer `layer` of L layers' states [L, B, H, N, N] (the others random)."""
+    states = rng.standard_normal((L, *feeds[0].shape)).astype(np.float32)
+    states[layer] = feeds[0]
+    return [states, *feeds[1:]]
+
+
+@pytest.mark.parametrize("L,layer", [(1, 0), (4, 0), (4, 3)])
+def test_layer_attribute_reads_that_layer_of_every_layers_state(L, layer):
+    """With `layer`, the op on the stacked [L, B, H, N, N] state computes what it computes on state[layer]: the
+    reference and the native kernel bit for bit, the lowering (a Gather first) in plain onnxruntime within REL_TOL."""
+    from rwkvq_onnx.passes.lower_vq import LowerVQ
+
+    rng = np.random.default_rng(10 + L + layer)
+    plain = _inputs(rng, 2, 3, 8)
+    feeds = _stacked(rng, L, layer, plain)
+    want = wkv7_step.reference(*plain, head_size=8)
+    for got, ref in zip(wkv7_step.reference(*feeds, head_size=8, layer=layer), want):
+        np.testing.assert_array_equal(got, ref)
+    model = _one_node_model(8, feeds, layer=layer)
+    for got, ref in zip(_run(model, feeds), _run(_one_node_model(8, plain), plain)):
+        np.testing.assert_array_equal(got, ref)
+    assert LowerVQ()(model).counts == {wkv7_step.OP_TYPE: 1}
+    assert [n.op_type for n in model.graph.node][0] == "Gather"
+    for got, ref in zip(_run(model, feeds, native=False), want):
+        _close(got, ref)
+
+
+@pytest.mark.parametrize("layer,state_shape,expect", [
+    (3, (3, 2, 3, 4, 4), "attribute layer=3 is outside the state's 3 layers"),
+    (0, (2, 3, 4, 4), "the state has rank 4, expected 5"),
+    (-1, (3, 2, 3, 4, 4), "attribute layer=-1 is negative"),
+    (1, (3, 2, 3, 8, 8), "the state has shape [2, 3, 8, 8], expected [B, H, 4, 4]"),
+    (1, (3, 1, 3, 4, 4), "r has shape [2, 12], expected [1, 12]"),
+])
+def test_native_op_refuses_a_layer_the_state_does_not_hold_with_one_line(layer, state_shape, expect):
+    """The layer and the stacked state's shape are checked before any read; one line naming the node."""
+    rng = np.random.default_rng(4)
+    feeds = _inputs(rng, 2, 3, 4)
+    feeds[0] = rng.standard_normal(state_shape).astype(np.float32)
+    with pytest.raises(Exception) as info:
+        _run(_one_node_model(4, layer=layer), feeds)
+    message = str(info.value)
+    assert f"rwkvq.WKV7Step node '{NODE}'" in message and expect in message, message
+    assert "\n" not in message[message.index("rwkvq.WKV7Step"):].strip()
+
+
 @pytest.mark.parametrize("case,expect", [
     ("head_size=0", "head_size=0 is outside"),
     ("head_size=5000", "head_size=5000 is outside"),
@@ -144,10 +191,17 @@ def test_spec_validation_names_the_node():
                                   ({}, [], "missing attribute head_size"),
                                   ({"head_size": 4}, [state[:, :, :2], *[vec] * 6], "expected [B, H, 4, 4]"),
                                   ({"head_size": 4}, [state, *[vec[:, :4]] * 6], "input r has shape [1, 4]"),
-                                  ({"head_size": 4}, [state, *[vec.astype(np.float64)] * 6], "input r is float64")]:
+                                  ({"head_size": 4}, [state, *[vec.astype(np.float64)] * 6], "input r is float64"),
+                                  ({"head_size": 4, "layer": 2}, [np.stack([state] * 2), *[vec] * 6],
+                                   "has shape [2, 1, 2, 4, 4], expected [L, B, H, 4, 4] with L > layer=2"),
+                                  ({"head_size": 4, "layer": 0}, [state, *[vec] * 6], "expected [L, B, H, 4, 4]"),
+                                  ({"head_size": 4, "layer": -1}, [], "attribute layer=-1 is outside")]:
         with pytest.raises(ConfigError, match="rwkvq.WKV7Step node 'n': ") as info:
             wkv7_step.validate(attrs, *inputs, node="n")
         assert expect in str(info.value)
+    assert wkv7_step.validate({"head_size": 4, "layer": 1}, np.stack([state] * 2), *[vec] * 6, node="n").layer == 1
+    with pytest.raises(ConfigError, match="rwkvq.WKV7Sequence node 'n': unknown attribute.s. layer"):
+        SPECS["WKV7Sequence"].validate({"head_size": 4, "layer": 0}, node="n")
     assert SPECS[wkv7_step.OP_TYPE] is wkv7_step
 
 
@@ -274,8 +328,9 @@ for i in range(int((folder / "count").read_text())):
     case = np.load(folder / f"case{i}.npz")
     ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "new_state")]
+    layer = {"layer": int(case["layer"])} if int(case["layer"]) != -99 else {}
     node = helper.make_node(str(case["op"]), names, ["y", "new_state"], name="wkv_under_test", domain="rwkvq",
-                            head_size=int(case["head_size"]))
+                            head_size=int(case["head_size"]), **layer)
     model = helper.make_model(helper.make_graph([node], "g", ins, outs), ir_version=10,
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("rwkvq", 1)])
     report = {"i": i, "error": None}
@@ -307,9 +362,9 @@ def _mutants(op: str, base: list[np.ndarray], rng: np.random.Generator) -> list[
     return cases + [(op, f"{op} head_size={n}", n, base, False) for n in (0, 1, 2, 3, 5, 8, 1025, 2**31, -1)]
 
 
-def _sanitizer_cases() -> list[tuple[str, str, int, list[np.ndarray], bool]]:
-    """(op, label, head_size, feeds, valid) for WKV7Step and WKV7Sequence: real-sized and edge shapes, and the
-    mutants of a small valid case."""
+def _sanitizer_cases() -> list[tuple[str, str, int, list[np.ndarray], bool, int | None]]:
+    """(op, label, head_size, feeds, valid, layer) for WKV7Step and WKV7Sequence: real-sized and edge shapes, the
+    mutants of a small valid case, and WKV7Step's `layer` cases (layer None: no attribute)."""
     from .test_wkv7_sequence import _inputs as _sequence_inputs
 
     rng = np.random.default_rng(5)
@@ -319,7 +374,26 @@ def _sanitizer_cases() -> list[tuple[str, str, int, list[np.ndarray], bool]]:
     cases += [(seq, f"{seq} B={B} T={T} H={H} N={N}", N, _sequence_inputs(rng, B, T, H, N), True)
               for B, T, H, N in [(1, 16, 12, 64), (3, 5, 2, 32), (1, 3, 1, 1), (2, 4, 3, 5), (0, 2, 2, 4),
                                  (2, 0, 2, 4)]]
-    return cases + _mutants(step, _inputs(rng, 2, 3, 4), rng) + _mutants(seq, _sequence_inputs(rng, 2, 3, 3, 4), rng)
+    cases += _mutants(step, _inputs(rng, 2, 3, 4), rng) + _mutants(seq, _sequence_inputs(rng, 2, 3, 3, 4), rng)
+    return [(*c, None) for c in cases] + _layer_cases(rng)
+
+
+def _layer_cases(rng: np.random.Generator) -> list[tuple[str, str, int, list[np.ndarray], bool, int]]:
+    """WKV7Step with `layer` over a stacked state: valid layers, and layers or states that do not match."""
+    step = wkv7_step.OP_TYPE
+    base = _inputs(rng, 2, 3, 4)
+    cases = [(step, f"{step} L={L} layer={layer}", 4, _stacked(rng, L, layer, base), True, layer)
+             for L, layer in [(1, 0), (3, 2), (12, 11)]]
+    cases += [(step, f"{step} L=1 layer=0 B=0", 4, _stacked(rng, 1, 0, [f[:0] for f in base]), True, 0)]
+    for label, layer, shape in [("layer=L", 3, (3, 2, 3, 4, 4)), ("layer=2**31", 2**31, (3, 2, 3, 4, 4)),
+                                ("layer=2**62", 2**62, (3, 2, 3, 4, 4)), ("layer=-1", -1, (3, 2, 3, 4, 4)),
+                                ("rank 4 state", 0, (2, 3, 4, 4)), ("rank 6 state", 0, (1, 3, 2, 3, 4, 4)),
+                                ("N=5 state", 0, (3, 2, 3, 5, 5)), ("L=0 state", 0, (0, 2, 3, 4, 4)),
+                                ("batch 3 state", 1, (3, 3, 3, 4, 4))]:
+        feeds = list(base)
+        feeds[0] = rng.standard_normal(shape).astype(np.float32)
+        cases.append((step, f"{step} {label}", 4, feeds, False, layer))
+    return cases
 
 
 @pytest.mark.slow
@@ -337,8 +411,9 @@ def test_native_kernel_under_address_sanitizer(tmp_path):
     library = tmp_path / "asan.so"
     runtime = build_asan_library(library)
     cases = _sanitizer_cases()
-    for i, (op, _, head_size, feeds, _) in enumerate(cases):
-        np.savez(tmp_path / f"case{i}.npz", op=op, head_size=head_size, **dict(zip(wkv7_step.INPUTS, feeds)))
+    for i, (op, _, head_size, feeds, _, layer) in enumerate(cases):
+        np.savez(tmp_path / f"case{i}.npz", op=op, head_size=head_size, layer=-99 if layer is None else layer,
+                 **dict(zip(wkv7_step.INPUTS, feeds)))
     (tmp_path / "count").write_text(str(len(cases)))
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(library), str(tmp_path)], capture_output=True,
                           text=True, timeout=600, env=sanitizer_env(runtime))
@@ -347,14 +422,14 @@ def test_native_kernel_under_address_sanitizer(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["i"] for r in reports] == list(range(len(cases)))
-    for (op, label, head_size, feeds, valid), r in zip(cases, reports):
+    for (op, label, head_size, feeds, valid, layer), r in zip(cases, reports):
         if not valid:
             assert r["error"] is not None, f"{label}: not refused"
             text = r["error"][r["error"].find(f"rwkvq.{op} "):].strip()
             assert text.startswith(f"rwkvq.{op} node '{NODE}'") and "\n" not in text, f"{label}: {r['error']!r}"
             continue
         assert r["error"] is None, f"{label}: {r['error']}"
-        y_ref, s_ref = SPECS[op].reference(*feeds, head_size=head_size)
+        y_ref, s_ref = SPECS[op].reference(*feeds, head_size=head_size, **({} if layer is None else {"layer": layer}))
         for got, ref in ((np.load(tmp_path / f"y{r['i']}.npy"), y_ref), (np.load(tmp_path / f"s{r['i']}.npy"), s_ref)):
             assert got.shape == ref.shape, label
             assert np.abs(got - ref).max(initial=0.0) <= REL_TOL * max(np.abs(ref).max(initial=0.0), 1.0), label

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 OP_TYPE = "WKV7Sequence"
 QUALIFIED = f"{DOMAIN}.{OP_TYPE}"
-ATTRIBUTES = wkv7_step.ATTRIBUTES  # head_size (INT)
+ATTRIBUTES = ("head_size",)  # INT (not WKV7Step's `layer`: a sequence graph runs its Split once per call)
 INPUTS = wkv7_step.INPUTS
 OUTPUTS = wkv7_step.OUTPUTS
 INPUT_DTYPES = wkv7_step.INPUT_DTYPES
@@ -49,7 +49,7 @@ def validate(attrs: Mapping[str, Any], *inputs: Any, node: str, **named: Any) ->
     Inputs come positionally, either all seven or the six after the state (the passes' convention), or by
     name. Returns the checked Attributes; raises a one-line ConfigError naming `node` for the first problem.
     """
-    a, shapes = wkv7_step.checked_inputs(attrs, inputs, named, node=node, op=QUALIFIED)
+    a, shapes = wkv7_step.checked_inputs(attrs, inputs, named, node=node, op=QUALIFIED, allowed=ATTRIBUTES)
     N = a.head_size
     batch = channels = tokens = None
     for name, shape in shapes:

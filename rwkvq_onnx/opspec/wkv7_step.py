@@ -13,6 +13,13 @@ For every batch row and head, with S = state[b, h]:
 which is the official `S <- S diag(w) + (S a) b^T + v k^T ; y = S r` with
 a = -kk and b = kk * iclr. Attribute: head_size (INT) = N.
 
+Optional attribute `layer` (INT): the state input is then every layer's
+state, float32 [L, B, H, N, N], and the op reads state[layer] (0 <= layer < L);
+new_state is still that layer's [B, H, N, N]. The step graph passes its
+`state_wkv` input to every layer's node this way: without it, a Split copies
+each layer's state out of the input on every decoded token
+(passes/layer_indexed_wkv_state.py).
+
 One node per layer replaces the dozen standard nodes of the recurrence in the
 step graph export writes for onnxruntime (`export --wkv-op fused`, the
 default); `lower` gives the standard-op form for runtimes without the
@@ -36,7 +43,7 @@ if TYPE_CHECKING:
 
 OP_TYPE = "WKV7Step"
 QUALIFIED = f"{DOMAIN}.{OP_TYPE}"
-ATTRIBUTES = ("head_size",)  # INT
+ATTRIBUTES = ("head_size", "layer")  # INT; INT, optional
 INPUTS = ("state", "r", "w", "k", "v", "a", "b")
 OUTPUTS = ("y", "new_state")
 INPUT_DTYPES = (np.dtype(np.float32),) * len(INPUTS)
@@ -49,9 +56,10 @@ class Attributes:
     """A checked attribute set (build it with `validate`)."""
 
     head_size: int
+    layer: int | None = None  # the state is [L, B, H, N, N], read at [layer]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"head_size": self.head_size}
+        return {"head_size": self.head_size, **({"layer": self.layer} if self.layer is not None else {})}
 
 
 def static_shape(value: Any) -> tuple[int, ...] | None:
@@ -63,20 +71,22 @@ def static_shape(value: Any) -> tuple[int, ...] | None:
 
 
 def checked_inputs(attrs: Mapping[str, Any], inputs: tuple, named: Mapping[str, Any], *, node: str,
-                   op: str) -> tuple[Attributes, list[tuple[str, tuple[int, ...] | None]]]:
-    """What validation of the recurrence ops (this one and WKV7Sequence, same attributes and inputs) shares:
-    attribute names, the input count, head_size, float32 inputs, the state [B, H, N, N]; the checked Attributes
-    and each given input's
-    (name, static shape or None), in INPUTS order.
+                   op: str, allowed: tuple[str, ...] = ATTRIBUTES
+                   ) -> tuple[Attributes, list[tuple[str, tuple[int, ...] | None]]]:
+    """What validation of the recurrence ops (this one and WKV7Sequence, same inputs; `allowed`: the op's
+    attribute names) shares: attribute names, the input count, head_size (and layer), float32 inputs, the state
+    [B, H, N, N] ([L, B, H, N, N] with layer < L when `layer` is given); the checked Attributes and each given
+    input's (name, static shape or None), in INPUTS order; the state's shape is that of the layer read.
 
     Inputs come positionally, either all seven or the six after the state (the passes' convention: the
     inputs after the first), or by name (r=..., as the TensorRT preparation passes them)."""
-    unknown = sorted(set(attrs) - set(ATTRIBUTES))
+    unknown = sorted(set(attrs) - set(allowed))
     if unknown:
         raise fail(node, op, f"unknown attribute(s) {', '.join(unknown)}")
     if len(inputs) > len(INPUTS) or set(named) - set(INPUTS):
         raise fail(node, op, f"{len(inputs) + len(named)} inputs given, the op has {len(INPUTS)}")
-    a = Attributes(int_attr(attrs, "head_size", 1, MAX_HEAD_SIZE + 1, node=node, op=op))
+    a = Attributes(int_attr(attrs, "head_size", 1, MAX_HEAD_SIZE + 1, node=node, op=op),
+                   int_attr(attrs, "layer", 0, 2**31, node=node, op=op) if "layer" in attrs else None)
     given = dict(zip(INPUTS if len(inputs) == len(INPUTS) else INPUTS[1:], inputs)) | dict(named)
     N, shapes = a.head_size, []
     for name in INPUTS:
@@ -84,6 +94,11 @@ def checked_inputs(attrs: Mapping[str, Any], inputs: tuple, named: Mapping[str, 
             continue
         expect_dtype(given[name], np.float32, name, node=node, op=op)
         shape = static_shape(given[name])
+        if name == "state" and shape is not None and a.layer is not None:
+            if len(shape) != 5 or a.layer >= shape[0]:
+                raise fail(node, op, f"input state has shape {list(shape)}, expected [L, B, H, {N}, {N}] with "
+                                     f"L > layer={a.layer}")
+            shape = shape[1:]
         if name == "state" and shape is not None and (len(shape) != 4 or shape[1] < 1 or shape[2:] != (N, N)):
             raise fail(node, op, f"input state has shape {list(shape)}, expected [B, H, {N}, {N}]")
         shapes.append((name, shape))
@@ -113,7 +128,7 @@ def reference(state: np.ndarray, r: np.ndarray, w: np.ndarray, k: np.ndarray, v:
               b: np.ndarray, **attrs: Any) -> tuple[np.ndarray, np.ndarray]:
     """The numpy reference of the op (float64 inside, float32 out): (y [B, C], new_state [B, H, N, N])."""
     checked = validate(attrs, state, r, w, k, v, a, b, node="reference")
-    state = np.asarray(state, np.float64)
+    state = np.asarray(state if checked.layer is None else np.asarray(state)[checked.layer], np.float64)
     B, H, N, _ = state.shape
     r, w, k, v, a, b = (np.asarray(t, np.float64).reshape(B, H, N) for t in (r, w, k, v, a, b))
     assert N == checked.head_size
@@ -127,7 +142,8 @@ def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
     """Standard ONNX nodes computing what `node` computes (they take over its outputs), tensors named `prefix`_*.
 
     The vectors are reshaped to per-head rows [B, H, 1, N] or columns [B, H, N, 1] and the update is
-    Add(Add(Mul(S, w), MatMul(MatMul(S, a), b)), MatMul(v, k)); y = Reshape(MatMul(S', r), [B, C]).
+    Add(Add(Mul(S, w), MatMul(MatMul(S, a), b)), MatMul(v, k)); y = Reshape(MatMul(S', r), [B, C]); with
+    `layer`, S = Gather(state, layer) along the layers first.
     """
     import onnx_graphsurgeon as gs
 
@@ -145,6 +161,9 @@ def lower(node: gs.Node, prefix: str) -> list[gs.Node]:
         nodes.append(gs.Node(op, f"{prefix}_{hint}", {}, inputs, outs))
         return outs[0]
 
+    if attrs.layer is not None:
+        index = gs.Constant(f"{prefix}_layer", np.array(attrs.layer, np.int64))
+        state = add("Gather", "layer_state", [state, index])
     col = gs.Constant(f"{prefix}_col_shape", np.array([0, -1, N, 1], np.int64))
     row = gs.Constant(f"{prefix}_row_shape", np.array([0, -1, 1, N], np.int64))
     flat = gs.Constant(f"{prefix}_flat_shape", np.array([0, -1], np.int64))
