@@ -13,7 +13,11 @@ Graph conventions (see the design doc):
   `state_wkv` [L, B, H, N, N], float32 in every graph; outputs are the same
   names prefixed `new_`.
 - the state is read with one `Reshape` + `Split` per state tensor and written
-  with one `Concat` + `Reshape` (not a Gather / Unsqueeze per layer), and the
+  with one `Concat` + `Reshape` (not a Gather / Unsqueeze per layer), except
+  the WKV state of a step graph with fused recurrence nodes: each
+  `rwkvq.WKV7Step` reads its layer in `state_wkv` (attribute `layer`) and the
+  new states go through Unsqueeze into one Concat
+  (passes/layer_indexed_wkv_state.py: two fewer copies of it per token); the
   WKV inputs are reshaped once straight into the row/column layout the
   recurrence's MatMuls take: fewer nodes per decoded token (issue 13).
 - every linear layer is one `MatMul` whose weight initializer is named by its
@@ -394,6 +398,10 @@ def build_graph(config: ModelConfig, state_dict: Mapping[str, np.ndarray], *, st
         DTYPE_KEY: "float16" if fp16 else "float32",
         **({OPS_KEY: (wkv7_step if step else wkv7_sequence).OP_TYPE} if fused else {}),
     })
+    if fused and step:  # the recurrence reads each layer's state in the input (no Split copying it per token)
+        from .passes.layer_indexed_wkv_state import LayerIndexedWkvState
+
+        LayerIndexedWkvState()(model)
     return model
 
 
