@@ -16,21 +16,8 @@ from rwkvq_onnx.export import build_graph, pair_identity
 from rwkvq_onnx.opspec import wkv7_step
 from rwkvq_onnx.passes.base import PassResult
 from rwkvq_onnx.passes.layer_indexed_wkv_state import NEW_STATE, STATE, LayerIndexedWkvState
-from rwkvq_onnx.runtime import session_options, zero_state
 
-
-def _decode(model: onnx.ModelProto, config, tokens: np.ndarray) -> tuple[np.ndarray, list]:
-    """Logits [T, B, V] and the final state of decoding `tokens` [T, B] with a step graph (native ops)."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-    state = list(zero_state(config, tokens.shape[1]))
-    logits = []
-    for tok in tokens:
-        out, *state = sess.run(None, {"token": tok, "state_att_shift": state[0], "state_ffn_shift": state[1],
-                                      "state_wkv": state[2]})
-        logits.append(out)
-    return np.stack(logits), state
+from .test_wkv7_step import _decode  # logits and final state of decoding with a step graph (native ops)
 
 
 def _exported_before_the_pass(config, sd, monkeypatch) -> onnx.ModelProto:
