@@ -32,6 +32,7 @@ from .graph import rwkvq_ops, set_initializer
 from .names import DOMAIN, EMBEDDING, GRAPH_KEY, HEAD, OPS_KEY, QUANTIZATION_KEY
 from .paths import check_distinct, model_files, require_file
 from .passes.base import PassResult
+from .passes.layer_indexed_wkv_state import LayerIndexedWkvState
 from .passes.pipeline import EXPORT_OPS, LoweringOptions, lower_payloads
 from .passes.quantize_embedding_head import QuantizeEmbeddingHead
 from .quant import ElementwiseConfig, GPTQConfig, VQConfig, model_bpw
@@ -343,6 +344,8 @@ def quantize_model(in_path: str | Path, out_path: str | Path, opts: QuantizeOpti
     sibling = step_path(in_path)
     if sibling.is_file():
         graphs.append((onnx.load(sibling), step_path(out_path)))
+        # a step graph exported before the WKV state pass gets it here (a no-op on current exports)
+        LayerIndexedWkvState()(graphs[-1][0])
         if opts.rotate_lora:
             rotate_model_lora(graphs[-1][0], opts.seed)
     meta = {"method": opts.method, "bpw": model_bpw(payloads.linear), "options": options_json(opts)}

@@ -90,3 +90,37 @@ def test_a_step_whose_slice_has_another_reader_is_left_alone(tiny_ckpt, monkeypa
     model.graph.output.append(onnx.helper.make_tensor_value_info("extra_reader", onnx.TensorProto.FLOAT, None))
     assert LayerIndexedWkvState()(model).counts == {}
     assert all(not any(a.name == "layer" for a in n.attribute) for n in model.graph.node)
+
+
+def test_quantize_upgrades_an_earlier_export(tiny_ckpt, tmp_path, monkeypatch):
+    """quantize runs the pass on the step graph it is given: a model exported before the pass and one exported
+    now quantize (same seed, same calibration through the same sequence graph) into step graphs with the
+    layer-indexed state that decode bit for bit alike."""
+    from rwkvq_onnx.export import export, step_path
+    from rwkvq_onnx.quantize import QuantizeOptions, quantize_model
+
+    from .conftest import GOLDEN_TEXT
+
+    config, sd = load_checkpoint(tiny_ckpt)
+    calib = tmp_path / "calib.txt"
+    calib.write_text((GOLDEN_TEXT.decode() + " ") * 20)
+    old, new = tmp_path / "old.onnx", tmp_path / "new.onnx"
+    with monkeypatch.context() as m:
+        m.setattr(LayerIndexedWkvState, "run", lambda self, graph, payloads: PassResult(self.name))
+        export(config, sd, old, mode="both")
+    export(config, sd, new, mode="both")
+    assert not any(STATE in n.input for n in onnx.load(step_path(old)).graph.node if n.op_type == "WKV7Step")
+    opts = QuantizeOptions(calib=str(calib), method="gptq", nsamples=4, seqlen=32, seed=0, progress=False)
+    steps = []
+    for fp in (old, new):
+        out = tmp_path / f"q-{fp.stem}.onnx"
+        quantize_model(fp, out, opts, out.with_suffix(".json"), log=lambda *a: None)
+        steps.append(onnx.load(step_path(out)))
+    for step in steps:
+        readers = [n for n in step.graph.node if STATE in n.input]
+        assert [n.op_type for n in readers] == [wkv7_step.OP_TYPE] * config.n_layer
+    tokens = np.array([[3, 70], [100, 1], [7, 250]])
+    (got, got_state), (want, want_state) = (_decode(s, config, tokens) for s in steps)
+    np.testing.assert_array_equal(got, want)
+    for g, w in zip(got_state, want_state):
+        np.testing.assert_array_equal(g, w)
