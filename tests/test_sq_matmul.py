@@ -227,14 +227,21 @@ def test_this_build_runs_the_scalar_kernels_and_refuses_what_the_cpu_lacks():
 FAST_SHAPES = [*SHAPES, (20, 192, 4, 96), (41, 96, 4, 32), (38, 512, 2, 64)]
 
 
+def _fast_case(shape: tuple[int, int, int, int], rows: int, seed: int):
+    """A random payload of `shape` (N, K, bits, group size), packed, and `rows` activation rows: (q, arrays,
+    attrs, x)."""
+    n, k, bits, g = shape
+    rng = np.random.default_rng(seed)
+    q = _payload(rng, n, k, bits, g)
+    arrays, attrs = sq_matmul.pack(q)
+    return q, arrays, attrs, rng.standard_normal((rows, k)).astype(np.float32)
+
+
 @pytest.mark.parametrize("shape", FAST_SHAPES)
 @pytest.mark.parametrize("rows", [1, 4, 9])
 def test_fast_kernels_stay_within_the_int8_activation_bound_and_agree_across_isas(shape, rows):
-    n, k, bits, g = shape
-    rng = np.random.default_rng(3 * n + rows)
-    q = _payload(rng, n, k, bits, g)
-    arrays, attrs = sq_matmul.pack(q)
-    x = rng.standard_normal((rows, k)).astype(np.float32)
+    q, arrays, attrs, x = _fast_case(shape, rows, 3 * shape[0] + rows)
+    g = shape[3]
     exact = sq_matmul.reference(x, **arrays, **attrs.as_dict()).astype(np.float64)
     bound = sq_matmul.fast_error_bound(x, q.dequantize(), g)
     # float32 rounding of the fast path's own sums, on top of the quantization bound
@@ -255,11 +262,8 @@ def test_fast_kernels_compute_the_spec_fast_reference_on_every_isa(shape, rows):
     """Every instruction set, GEMV and GEMM, equals (d q) @ W^T with the spec's int8 activations per block of
     gcd(group_size, 128) (FAST_REF_TOL: float rounding only); activations quantized per block of 32 instead would
     be ~1e3 times further away, so the test tells the two blockings apart."""
-    n, k, bits, g = shape
-    rng = np.random.default_rng(5 * n + rows)
-    q = _payload(rng, n, k, bits, g)
-    arrays, attrs = sq_matmul.pack(q)
-    x = rng.standard_normal((rows, k)).astype(np.float32)
+    q, arrays, attrs, x = _fast_case(shape, rows, 5 * shape[0] + rows)
+    g = shape[3]
     want = sq_matmul.fast_reference(x, **arrays, **attrs.as_dict()).astype(np.float64)
     scale = _scale(want)
     if sq_matmul.act_block(g) != 32:
